@@ -285,6 +285,12 @@ class MLP(nn.Sequential):
         """The linear layers, first to last."""
         return [m for m in self if isinstance(m, nn.Linear)]
 
+    def features(self, x):
+        """The last hidden layer's features (N, width): the input of the last linear layer."""
+        for module in list(self)[:-1]:
+            x = module(x)
+        return x
+
 
 # (VGG11 and ResNet18 go here)
 
@@ -555,6 +561,13 @@ def load_run(run_dir):
     return {"dir": run_dir, "config": meta["config"], "meta": meta, "metrics": metrics, "result": result}
 
 
+def load_saved(out, configs, keys):
+    """The saved runs (finished or diverged) of these configs, in order; runs not saved (yet)
+    are left out. Plotting reads results through this alone, so `--plot-only` needs no training."""
+    runs = [Run(out, config, keys) for config in configs]
+    return [run.load() for run in runs if run.done]
+
+
 def metric_series(run, name):
     """(steps, values) numpy arrays of one metric of a loaded run, NaN where it was not finite."""
     rows = [m for m in run["metrics"] if name in m]
@@ -707,7 +720,7 @@ def save_figure(fig, stem, dpi=110):
 
 
 def plot_runs(runs, metrics, style_key, *, labels=None, style_label=None, title=None,
-              xlabel="iteration", log_metrics=()):
+              xlabel="iteration", log_metrics=(), ncols=None):
     """One panel per metric; one line (mean +- std over the runs sharing a setting) per value
     of config[style_key], told apart by line style. Reads only loaded runs (see load_run).
 
@@ -715,14 +728,17 @@ def plot_runs(runs, metrics, style_key, *, labels=None, style_label=None, title=
         runs: loaded runs (trials of several settings).
         metrics: metric names, one panel each. labels: metric name -> axis label.
         style_key: the config key whose values get a line style each.
-        log_metrics: metrics drawn on a log scale.
+        log_metrics: metrics drawn on a log scale. ncols: panels per row (all in one row if None).
     Returns:
-        the Figure.
+        the Figure; fig.axes[i] is the panel of metrics[i].
     """
     labels = labels or {}
     settings = sorted({r["config"][style_key] for r in runs})
-    fig, axes = new_figure(1, len(metrics))
-    for ax, metric in zip(axes[0], metrics):
+    ncols = ncols or len(metrics)
+    fig, axes = new_figure(math.ceil(len(metrics) / ncols), ncols)
+    for ax in axes.flat[len(metrics):]:
+        fig.delaxes(ax)  # unused panels of the last row
+    for ax, metric in zip(axes.flat, metrics):
         for i, value in enumerate(settings):
             trials = [metric_series(r, metric) for r in runs if r["config"][style_key] == value]
             plot_band(ax, trials, label=f"{style_label or style_key} = {value}",
@@ -732,7 +748,7 @@ def plot_runs(runs, metrics, style_key, *, labels=None, style_label=None, title=
         if metric in log_metrics:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize="small")
+    axes.flat[0].legend(fontsize="small")
     if title:
         fig.suptitle(title)
     return fig
