@@ -1037,6 +1037,12 @@ def seed_everything(seed):
     return torch.Generator().manual_seed(seed)
 
 
+# (progressive-sharpening additions go here)
+
+
+# (regularisers: augmentation, mixup, SAM go here)
+
+
 # =============================================================================
 # 5. Runs
 # =============================================================================
@@ -1308,6 +1314,9 @@ def progress(iterable=None, *, disable=False, **kwargs):
     interactive = sys.stderr.isatty()
     return tqdm(iterable, disable=disable, dynamic_ncols=True, file=sys.stderr,
                 mininterval=0.5 if interactive else 30.0, **kwargs)
+
+
+# (sweep grid helpers go here)
 
 
 # =============================================================================
