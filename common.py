@@ -19,6 +19,9 @@ import torch
 
 # =============================================================================
 # 1. Estimators
+#    To copy this section into another project, it needs only:
+#        from dataclasses import dataclass, field
+#        import torch
 # =============================================================================
 
 # Why these choices (measured; see the README's "Estimators" section):
