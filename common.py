@@ -795,10 +795,6 @@ class MLP(nn.Sequential):
         return [m for m in self if isinstance(m, nn.Linear)]
 
 
-import torch.nn as nn
-import torch.nn.functional as F
-
-
 def _scaled(channels, width):
     """Channel count `channels * width`, rounded to the nearest integer, at least 1."""
     return max(1, round(channels * width))
