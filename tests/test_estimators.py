@@ -1,0 +1,404 @@
+"""Estimators against dense float64 references built with torch.func on tiny models."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, jacrev
+
+import common
+from common import (gauss_newton_norm, hessian_operator, jacobian_norm, sharpness,
+                    top_eigenvalues)
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def mlp(act, seed=0, d_in=5, width=7, classes=3):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, width), act(), nn.Linear(width, classes)).double()
+
+
+class TinyCNN(nn.Module):
+    """Conv -> BN -> ReLU -> Conv -> BN -> ReLU -> pool -> Linear, a few hundred params."""
+
+    def __init__(self, classes=3, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.features = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.dropout = nn.Dropout(0.5)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):  # (N, 2, 4, 4) -> (N, classes)
+        return self.head(self.dropout(self.features(x)))
+
+
+def cnn(seed=0):
+    model = TinyCNN(seed=seed).double()
+    # non-default running statistics, so eval mode differs from train mode and any update
+    # of them would show
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=torch.float64) + .5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64))
+    return model
+
+
+def class_batches(sizes, shape, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, *shape, generator=g, dtype=torch.float64),
+             torch.randint(classes, (n,), generator=g)) for n in sizes]
+
+
+def soft_batches(sizes, shape, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, *shape, generator=g, dtype=torch.float64),
+             torch.softmax(2 * torch.randn(n, classes, generator=g, dtype=torch.float64), 1))
+            for n in sizes]
+
+
+def regression_batches(sizes, shape, outputs=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, *shape, generator=g, dtype=torch.float64),
+             torch.randn(n, outputs, generator=g, dtype=torch.float64)) for n in sizes]
+
+
+# ------------------------------------------------------------------ dense references
+
+
+class batch_stats_mode:
+    """Reference BN handling, written independently of common._MeasureMode: train-mode BN
+    without running statistics, dropout off."""
+
+    def __init__(self, model, train):
+        self.model, self.train = model, train
+
+    def __enter__(self):
+        self.state = {m: (m.training, getattr(m, "track_running_stats", None))
+                      for m in self.model.modules()}
+        self.model.train(self.train)
+        for m in self.model.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
+            if self.train and isinstance(m, nn.BatchNorm2d):
+                m.track_running_stats = False
+
+    def __exit__(self, *exc):
+        for m, (training, track) in self.state.items():
+            m.training = training
+            if track is not None:
+                m.track_running_stats = track
+
+
+def dense_jacobian(f, x0):
+    """Jacobian of f at x0, one forward-mode product per input coordinate.
+
+    No vmap: in torch 2.14 vmapped transforms (jacrev, jacfwd, hessian) give wrong
+    second derivatives for train-mode BatchNorm weights (up to 300% off; see
+    test_dense_reference_matches_finite_differences), while plain jvp is right."""
+    eye = torch.eye(x0.numel(), dtype=x0.dtype).view(-1, *x0.shape)
+    cols = [torch.func.jvp(f, (x0,), (e,))[1] for e in eye]
+    return torch.stack(cols, dim=-1)  # (*f(x0).shape, x0.numel())
+
+
+def flat_function(model):
+    names = [n for n, p in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    flat0 = torch.cat([p.reshape(-1) for p in params])
+
+    def unflat(flat):
+        out, i = {}, 0
+        for n, p in zip(names, params):
+            out[n] = flat[i:i + p.numel()].view_as(p)
+            i += p.numel()
+        return out
+    return flat0, unflat
+
+
+# jvp(grad(F.mse_loss)) raises "ZeroTensors are immutable"; the reference uses the formula.
+REFERENCE_LOSS = {F.mse_loss: lambda z, y: ((z - y) ** 2).mean()}
+
+
+def dense_hessian(model, loss_fn, batches):
+    loss_fn = REFERENCE_LOSS.get(loss_fn, loss_fn)
+    flat0, unflat = flat_function(model)
+    total = sum(len(x) for x, _ in batches)
+
+    def loss(flat):
+        return sum(len(x) / total * loss_fn(functional_call(model, unflat(flat), (x,)), y)
+                   for x, y in batches)
+    with batch_stats_mode(model, train=True):
+        return dense_jacobian(torch.func.grad(loss), flat0)
+
+
+def dense_gauss_newton(model, loss_fn, batches):
+    flat0, unflat = flat_function(model)
+    total = sum(len(x) for x, _ in batches)
+    g = torch.zeros(len(flat0), len(flat0), dtype=torch.float64)
+    with batch_stats_mode(model, train=True):
+        for x, y in batches:
+            z0 = functional_call(model, unflat(flat0), (x,))
+            jac = dense_jacobian(lambda f: functional_call(model, unflat(f), (x,)), flat0)
+            hz = jacrev(jacrev(lambda z: loss_fn(z, y)))(z0)  # (n, C, n, C); no BN here
+            nc = z0.numel()
+            jac, hz = jac.reshape(nc, -1), hz.reshape(nc, nc)
+            g += len(x) / total * jac.T @ hz @ jac
+    return g
+
+
+def dense_jacobian_norms(model, x, softmax):
+    with batch_stats_mode(model, train=False):
+        def f(xi):
+            out = model(xi[None])[0]
+            return torch.softmax(out, 0) if softmax else out
+        return torch.stack([torch.linalg.matrix_norm(jacrev(f)(xi).reshape(-1, xi.numel()), 2)
+                            for xi in x])
+
+
+def top_dense(matrix, k=1):
+    return torch.linalg.eigvalsh(matrix).flip(0)[:k]
+
+
+def rel(a, b):
+    return abs(a - b) / abs(b)
+
+
+def state_of(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [m.training for m in model.modules()],
+            [getattr(m, "track_running_stats", None) for m in model.modules()])
+
+
+def assert_same_state(model, before):
+    params, flags, tracks = before
+    after = model.state_dict()
+    assert after.keys() == params.keys()
+    for k in params:
+        assert torch.equal(after[k], params[k]), f"{k} changed"
+    assert [m.training for m in model.modules()] == flags
+    assert [getattr(m, "track_running_stats", None) for m in model.modules()] == tracks
+
+
+smooth_ce = lambda z, y: F.cross_entropy(z, y, label_smoothing=0.2)  # noqa: E731
+
+CASES = {
+    "tanh-ce": (lambda: mlp(nn.Tanh), lambda: class_batches([6], (5,)), F.cross_entropy),
+    "relu-ce-smooth-2batches": (lambda: mlp(nn.ReLU, seed=3),
+                                lambda: class_batches([7, 4], (5,)), smooth_ce),
+    "tanh-soft-targets": (lambda: mlp(nn.Tanh, seed=1), lambda: soft_batches([5, 3], (5,)),
+                          F.cross_entropy),
+    "tanh-mse": (lambda: mlp(nn.Tanh, seed=2), lambda: regression_batches([6, 2], (5,)),
+                 F.mse_loss),
+    "cnn-bn-train-2batches-smooth": (cnn, lambda: class_batches([6, 3], (2, 4, 4)), smooth_ce),
+}
+
+
+# -------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_sharpness_matches_dense_hessian(name):
+    make_model, make_batches, loss_fn = CASES[name]
+    model, batches = make_model(), make_batches()
+    exact = top_dense(dense_hessian(model, loss_fn, batches)).item()
+    before = state_of(model)
+    got = sharpness(model, loss_fn, batches)
+    assert rel(got, exact) < 1e-4
+    assert_same_state(model, before)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_gauss_newton_norm_matches_dense(name):
+    make_model, make_batches, loss_fn = CASES[name]
+    model, batches = make_model(), make_batches()
+    exact = top_dense(dense_gauss_newton(model, loss_fn, batches)).item()
+    before = state_of(model)
+    got = gauss_newton_norm(model, loss_fn, batches)
+    assert rel(got, exact) < 1e-4
+    assert_same_state(model, before)
+
+
+@pytest.mark.parametrize("name", ["tanh-ce", "cnn-bn-train-2batches-smooth"])
+def test_operators_match_dense_matrices(name):
+    """Every product, not just the top eigenvalue, is exact."""
+    make_model, make_batches, loss_fn = CASES[name]
+    model, batches = make_model(), make_batches()
+    h = dense_hessian(model, loss_fn, batches)
+    g = dense_gauss_newton(model, loss_fn, batches)
+    v = torch.randn(len(h), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for reuse in (True, False):
+        hv, _ = hessian_operator(model, loss_fn, batches, reuse_graph=reuse)
+        torch.testing.assert_close(hv(v), h @ v, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(hv(v), h @ v, rtol=1e-9, atol=1e-11)  # reused twice
+    gv, _ = common.gauss_newton_operator(model, loss_fn, batches)
+    torch.testing.assert_close(gv(v), g @ v, rtol=1e-9, atol=1e-11)
+
+
+def test_dense_reference_matches_finite_differences():
+    """Check the reference itself: central differences of the gradient along v."""
+    model, batches = cnn(), class_batches([6, 3], (2, 4, 4))
+    h = dense_hessian(model, smooth_ce, batches)
+    flat0, unflat = flat_function(model)
+
+    def loss(flat):
+        return sum(len(x) / 9 * smooth_ce(functional_call(model, unflat(flat), (x,)), y)
+                   for x, y in batches)
+    v = torch.randn(len(h), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with batch_stats_mode(model, train=True):
+        grad = torch.func.grad(loss)
+        fd = (grad(flat0 + 1e-6 * v) - grad(flat0 - 1e-6 * v)) / 2e-6
+    torch.testing.assert_close(h @ v, fd, rtol=1e-6, atol=1e-7)
+
+
+def test_train_mode_bn_differs_from_eval_mode():
+    """The reference is not trivially eval mode: the two sharpnesses differ."""
+    model, batches = cnn(), class_batches([6, 3], (2, 4, 4))
+    train = sharpness(model, F.cross_entropy, batches)
+    flat0, unflat = flat_function(model)
+    with batch_stats_mode(model, train=False):
+        h_eval = dense_jacobian(torch.func.grad(lambda f: sum(
+            len(x) / 9 * F.cross_entropy(functional_call(model, unflat(f), (x,)), y)
+            for x, y in batches)), flat0)
+    assert rel(train, top_dense(h_eval).item()) > 1e-2
+
+
+def test_top_k_matches_dense():
+    model, batches = mlp(nn.Tanh), class_batches([8, 5], (5,))
+    exact = top_dense(dense_hessian(model, F.cross_entropy, batches), 3)
+    got = sharpness(model, F.cross_entropy, batches, k=3)
+    assert got == sorted(got, reverse=True)
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), exact, rtol=1e-4, atol=0)
+    info = gauss_newton_norm(model, F.cross_entropy, batches, k=3, return_info=True)
+    exact_g = top_dense(dense_gauss_newton(model, F.cross_entropy, batches), 3)
+    torch.testing.assert_close(torch.tensor(info.eigenvalues, dtype=torch.float64), exact_g,
+                               rtol=1e-4, atol=0)
+    assert info.converged and info.matvecs == info.iterations
+    assert all(e <= 1e-5 for e in info.errors)
+    assert info.eigenvectors.shape == (sum(p.numel() for p in model.parameters()), 3)
+
+
+def test_lanczos_and_power_agree_on_psd_matrix():
+    model, batches = cnn(), class_batches([6, 3], (2, 4, 4))
+    exact = top_dense(dense_gauss_newton(model, F.cross_entropy, batches), 2)
+    lan = gauss_newton_norm(model, F.cross_entropy, batches, k=2, return_info=True)
+    pow_ = gauss_newton_norm(model, F.cross_entropy, batches, k=2, method="power",
+                             tol=1e-6, max_iter=5000, return_info=True)
+    assert pow_.converged and lan.converged
+    for a, b, e in zip(lan.eigenvalues, pow_.eigenvalues, exact.tolist()):
+        assert rel(a, e) < 1e-5 and rel(b, e) < 1e-5
+    assert lan.matvecs < pow_.matvecs
+
+
+def test_solver_on_explicit_matrix_with_known_spectrum():
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))[0]
+    spectrum = torch.cat([torch.tensor([10.0, 9.0, 4.0]), torch.linspace(-3, 1, 57)])
+    a = q @ torch.diag(spectrum.double()) @ q.T
+    for method in ("lanczos", "power"):
+        res = top_eigenvalues(lambda v: a @ v, 60, k=2, method=method, tol=1e-8,
+                              max_iter=2000, dtype=torch.float64)
+        assert res.converged
+        torch.testing.assert_close(torch.tensor(res.eigenvalues, dtype=torch.float64),
+                                   torch.tensor([10.0, 9.0], dtype=torch.float64), rtol=1e-7,
+                                   atol=0)
+        # returned vectors are unit eigenvectors with the reported residuals
+        v, theta = res.eigenvectors, torch.tensor(res.eigenvalues, dtype=torch.float64)
+        torch.testing.assert_close(v.norm(dim=0), torch.ones(2, dtype=torch.float64))
+        actual = (a @ v - v * theta).norm(dim=0) / theta.abs()
+        torch.testing.assert_close(actual, torch.tensor(res.residuals, dtype=torch.float64),
+                                   rtol=1e-2, atol=1e-12)
+
+
+def test_lanczos_finds_largest_algebraic_not_largest_magnitude():
+    a = torch.diag(torch.tensor([2.0, 1.0, 0.5, -5.0], dtype=torch.float64))
+    res = top_eigenvalues(lambda v: a @ v, 4, dtype=torch.float64)
+    assert abs(res.eigenvalues[0] - 2.0) < 1e-10
+
+
+def test_float32_near_its_floor():
+    model64, batches64 = cnn(), class_batches([6, 3], (2, 4, 4))
+    exact = top_dense(dense_hessian(model64, F.cross_entropy, batches64)).item()
+    model32 = cnn().float()
+    batches32 = [(x.float(), y) for x, y in batches64]
+    got = sharpness(model32, F.cross_entropy, batches32, tol=1e-4)
+    assert rel(got, exact) < 1e-4
+    assert isinstance(got, float)
+
+
+def test_deterministic_for_a_generator():
+    model, batches = cnn(), class_batches([6, 3], (2, 4, 4))
+    runs = [sharpness(model, F.cross_entropy, batches, tol=1e-2, return_info=True,
+                      generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert runs[0].eigenvalues == runs[1].eigenvalues
+    assert runs[0].matvecs == runs[1].matvecs
+    other = sharpness(model, F.cross_entropy, batches, tol=1e-2, return_info=True,
+                      generator=torch.Generator().manual_seed(8))
+    assert other.eigenvalues != runs[0].eigenvalues
+
+
+def test_estimators_print_nothing(capsys):
+    model, batches = cnn(), class_batches([6, 3], (2, 4, 4))
+    sharpness(model, F.cross_entropy, batches)
+    gauss_newton_norm(model, F.cross_entropy, batches)
+    jacobian_norm(model, batches[0][0])
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+
+
+def test_works_under_no_grad():
+    model, batches = mlp(nn.Tanh), class_batches([6], (5,))
+    expected = sharpness(model, F.cross_entropy, batches)
+    with torch.no_grad():
+        assert sharpness(model, F.cross_entropy, batches) == expected
+        assert jacobian_norm(model, batches[0][0]) > 0
+
+
+@pytest.mark.parametrize("softmax", [True, False])
+@pytest.mark.parametrize("method", ["exact", "power"])
+def test_jacobian_norm_matches_dense_svd(softmax, method):
+    model = cnn()
+    x = class_batches([7], (2, 4, 4))[0][0]
+    before = state_of(model)
+    exact = dense_jacobian_norms(model, x, softmax)
+    per = jacobian_norm(model, x, softmax=softmax, method=method, batch_size=3,
+                        return_per_sample=True)
+    torch.testing.assert_close(per, exact, rtol=1e-6, atol=0)
+    assert jacobian_norm(model, x, softmax=softmax, method=method) == pytest.approx(
+        exact.max().item(), rel=1e-6)
+    assert_same_state(model, before)
+
+
+def test_jacobian_norm_on_mlp_and_uses_eval_mode_bn():
+    model = mlp(nn.ReLU)
+    x = class_batches([9], (5,))[0][0]
+    torch.testing.assert_close(jacobian_norm(model, x, return_per_sample=True),
+                               dense_jacobian_norms(model, x, True), rtol=1e-6, atol=0)
+    # a model left in train mode is still measured in eval mode
+    bn = cnn().train()
+    xb = class_batches([4], (2, 4, 4))[0][0]
+    assert jacobian_norm(bn, xb) == pytest.approx(
+        dense_jacobian_norms(bn, xb, True).max().item(), rel=1e-6)
+    assert bn.training
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m, b: sharpness(m, F.cross_entropy, []), "empty"),
+    (lambda m, b: sharpness(m, F.cross_entropy, b, k=0), "k must be"),
+    (lambda m, b: gauss_newton_norm(m, F.cross_entropy, b, k=-1), "k must be"),
+    (lambda m, b: sharpness(m, F.cross_entropy, [(b[0][0].long(), b[0][1])]), "floating"),
+    (lambda m, b: sharpness(m, F.cross_entropy, [(b[0][0], b[0][1][:-1])]), "targets"),
+    (lambda m, b: sharpness(m, F.cross_entropy, [b[0], (torch.randn(3, 4).double(),
+                                                        b[0][1][:3])]), "shape"),
+    (lambda m, b: sharpness(m, F.cross_entropy, b, method="arnoldi"), "unknown method"),
+    (lambda m, b: sharpness(m, F.cross_entropy, b, tol=0), "tol"),
+    (lambda m, b: jacobian_norm(m, b[0][0].long()), "floating"),
+    (lambda m, b: jacobian_norm(m, b[0][0][:0]), "empty"),
+    (lambda m, b: top_eigenvalues(lambda v: v, 3, k=4), "exceeds"),
+])
+def test_bad_arguments_raise_value_error(call, match):
+    model, batches = mlp(nn.Tanh), class_batches([6], (5,))
+    with pytest.raises(ValueError, match=match):
+        call(model, batches)
