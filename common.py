@@ -1278,6 +1278,16 @@ def make_parser(doc, *, trials, out):
     return parser
 
 
+def parse_with_smoke(parser, argv, smoke):
+    """Parses argv; with --smoke, the `smoke` settings replace the defaults first, so flags given
+    explicitly still win (`--smoke --trials 1`)."""
+    args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**smoke)
+        args = parser.parse_args(argv)
+    return args
+
+
 def check(condition, msg):
     """fail(msg) unless condition."""
     if not condition:

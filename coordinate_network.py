@@ -79,10 +79,8 @@ def parse_args(argv=None):
     parser.add_argument("--pretrain-lr", type=float, default=1e-4)
     parser.add_argument("--pretrain-points", type=int, default=128)
     parser.add_argument("--log-every", type=int, default=100, help="epochs between loss records")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.trials, args.width = 2, 16
-        args.gaussian_epochs, args.relu_epochs, args.pretrain_steps, args.log_every = 100, 150, 100, 50
+    args = common.parse_with_smoke(parser, argv, dict(trials=2, width=16, gaussian_epochs=100,
+                                                      relu_epochs=150, pretrain_steps=100, log_every=50))
     common.check_positive(args, "width", "sigma", "lr", "gaussian_epochs", "relu_epochs",
                           "low_freq_std", "pretrain_steps", "pretrain_lr", "pretrain_points",
                           "log_every")
@@ -331,10 +329,14 @@ def main(args):
     configs = run_configs(args)
     if not args.plot_only:
         device = common.resolve_device(args.device)
+        threads = torch.get_num_threads()
         if device.type == "cpu":
             torch.set_num_threads(1)  # matrices of 8 x 256: extra threads only cost synchronisation
-        for config in configs:
-            train(config, args, device)
+        try:
+            for config in configs:
+                train(config, args, device)
+        finally:
+            torch.set_num_threads(threads)
     runs = common.load_saved(args.out, configs, RUN_KEYS)
     if not runs:
         common.fail(f"no saved results for these settings under {args.out}: run without --plot-only first")

@@ -60,10 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--measure-size", type=int, default=2500,
                         help="training images (fixed random subset) used for sharpness and Jacobian")
     parser.add_argument("--chunk-size", type=int, default=5000, help="examples per gradient chunk")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.trials, args.train_size, args.measure_size = 2, 200, 100
-        args.iterations, args.measure_every, args.width = 6, 3, 32
+    args = common.parse_with_smoke(parser, argv, dict(trials=2, train_size=200, measure_size=100,
+                                                      iterations=6, measure_every=3, width=32))
     common.check_positive(args, "scales", "width", "depth", "lr", "iterations", "train_size",
                           "measure_every", "measure_size", "chunk_size")
     common.check(args.train_size <= 50000, f"--train-size must be at most 50000, got {args.train_size}")
