@@ -17,7 +17,7 @@ measured time). The 10 trials of a setting train together as one batched network
 (torch.func.stack_module_state + vmap over the same MLP the estimators then measure).
 Smoke run (seconds): python coordinate_network.py --smoke
 
-Writes, under --out (default results/coordinate_network):
+Writes, under --out (default results/coordinate_network; ..._smoke with --smoke):
     <activation=..._init=...-hash>/{config,metrics,result}.json   one per setting, all trials
     plots/fig32_fits.{png,pdf}        the fitted functions over the data
     plots/tables.md, plots/tables.csv Tables 1 (Gaussian) and 2 (ReLU): mean +- std
@@ -79,8 +79,9 @@ def parse_args(argv=None):
     parser.add_argument("--pretrain-lr", type=float, default=1e-4)
     parser.add_argument("--pretrain-points", type=int, default=128)
     parser.add_argument("--log-every", type=int, default=100, help="epochs between loss records")
-    args = common.parse_with_smoke(parser, argv, dict(trials=2, width=16, gaussian_epochs=100,
-                                                      relu_epochs=150, pretrain_steps=100, log_every=50))
+    smoke = dict(out="results/coordinate_network_smoke", trials=2, width=16, gaussian_epochs=100,
+                 relu_epochs=150, pretrain_steps=100, log_every=50)
+    args = common.parse_with_smoke(parser, argv, smoke)
     common.check_positive(args, "width", "sigma", "lr", "gaussian_epochs", "relu_epochs",
                           "low_freq_std", "pretrain_steps", "pretrain_lr", "pretrain_points",
                           "log_every")

@@ -13,7 +13,7 @@ Cost: not timed on a GPU; about 2 hours on 2 shared CPU cores (see plots/README.
 measured time). Smoke run (synthetic data, seconds): python small_network.py --smoke
 --dataset synthetic-cifar10
 
-Writes, under --out (default results/small_network):
+Writes, under --out (default results/small_network; results/small_network_smoke with --smoke):
     <activation=..._scale=..._trial=...-hash>/{config,metrics,result}.json   one per run
     plots/fig30_relu.{png,pdf}, plots/fig31_tanh.{png,pdf}     mean +- std over trials
 
@@ -60,8 +60,9 @@ def parse_args(argv=None):
     parser.add_argument("--measure-size", type=int, default=2500,
                         help="training images (fixed random subset) used for sharpness and Jacobian")
     parser.add_argument("--chunk-size", type=int, default=5000, help="examples per gradient chunk")
-    args = common.parse_with_smoke(parser, argv, dict(trials=2, train_size=200, measure_size=100,
-                                                      iterations=6, measure_every=3, width=32))
+    smoke = dict(out="results/small_network_smoke", trials=2, train_size=200, measure_size=100,
+                 iterations=6, measure_every=3, width=32)
+    args = common.parse_with_smoke(parser, argv, smoke)
     common.check_positive(args, "scales", "width", "depth", "lr", "iterations", "train_size",
                           "measure_every", "measure_size", "chunk_size")
     common.check(args.train_size <= 50000, f"--train-size must be at most 50000, got {args.train_size}")
