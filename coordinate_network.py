@@ -12,8 +12,8 @@ smaller first-layer weight norm.
 
 Paper's run:
     python coordinate_network.py
-Cost: not timed on a GPU; about half an hour on 2 shared CPU cores (plots/README.md has the
-measured time). The 10 trials of a setting train together as one batched network
+Cost: not timed on a GPU; 35 minutes on 2 shared CPU cores, most of it the two 100 000-epoch
+ReLU settings (plots/README.md). The 10 trials of a setting train together as one batched network
 (torch.func.stack_module_state + vmap over the same MLP the estimators then measure).
 Smoke run (seconds): python coordinate_network.py --smoke
 

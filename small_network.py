@@ -9,8 +9,8 @@ accuracy. The paper's finding: smaller scales give more Jacobian growth but less
 
 Paper's run (real CIFAR-10 at <data-root>/cifar10.npz):
     python small_network.py --data-root ../shared/data
-Cost: not timed on a GPU; about 2 hours on 2 shared CPU cores (see plots/README.md for the
-measured time). Smoke run (synthetic data, seconds): python small_network.py --smoke
+Cost: not timed on a GPU; 69 minutes on 2 shared CPU cores with OMP_NUM_THREADS=1 (30 runs of
+about 2.3 minutes; plots/README.md). Smoke run (synthetic data, seconds): python small_network.py --smoke
 --dataset synthetic-cifar10
 
 Writes, under --out (default results/small_network; results/small_network_smoke with --smoke):
@@ -174,7 +174,10 @@ def plot(args, runs):
                                style_label="input scale", log_metrics=("loss",), ncols=3,
                                title=f"{activation} MLP, width {args.width}, lr {args.lr:g}: "
                                      f"mean ± std over {trials} trials")
-        fig.axes[2].axhline(2 / args.lr, color="grey", linewidth=0.8, linestyle=":", label="2 / lr")
+        fig.axes[2].axhline(2 / args.lr, color="grey", linewidth=0.8, linestyle=":")
+        fig.axes[2].annotate("2 / lr", (1, 2 / args.lr), xycoords=fig.axes[2].get_yaxis_transform(),
+                             xytext=(-3, -3), textcoords="offset points", ha="right", va="top",
+                             color="grey", fontsize="small")  # gradient descent's stability limit
         stem = PAPER_FIGURES.get(activation, f"fig_{activation}")
         paths += common.save_figure(fig, f"{args.out}/plots/{stem}")
     return paths
