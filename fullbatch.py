@@ -85,14 +85,11 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint-seconds", type=float, default=300.0,
                         help="least time between checkpoints (taken at measurements)")
     args = parser.parse_args(argv)
-    if args.smoke:  # sizes shrink; a --models, --lrs or --trials given explicitly is kept
-        defaults = {a.dest: a.default for a in parser._actions}
-        args.dataset = "synthetic-cifar10" if args.dataset == "cifar10" else args.dataset
-        args.models = ["vgg11"] if args.models == defaults["models"] else args.models
-        args.lrs = [0.08] if args.lrs == defaults["lrs"] else args.lrs
-        args.trials = 2 if args.trials == defaults["trials"] else args.trials
-        args.width, args.train_subset, args.ghost_batch_size, args.measure_size = 0.0625, 64, 32, 16
-        args.max_iterations, args.measure_every, args.eig_tol, args.eig_max_iter = 4, 2, 1e-2, 10
+    if args.smoke:  # tiny sizes on synthetic data; options given explicitly are kept
+        common.apply_smoke(parser, args, dataset="synthetic-cifar10", models=["vgg11"], lrs=[0.08],
+                           trials=2, width=0.0625, train_subset=64, ghost_batch_size=32,
+                           measure_size=16, max_iterations=4, measure_every=2, eig_tol=1e-2,
+                           eig_max_iter=10)
     common.check_positive(args, "lrs", "width", "ghost_batch_size", "max_iterations",
                           "measure_size", "eig_tol", "eig_max_iter")
     common.check_unit_interval(args, "smoothings", "target_accuracy")
