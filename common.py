@@ -19,6 +19,9 @@ import torch
 
 # =============================================================================
 # 1. Estimators
+#    To copy this section into another project, it needs only:
+#        from dataclasses import dataclass, field
+#        import torch
 # =============================================================================
 
 # Why these choices (measured; see the README's "Estimators" section):
@@ -790,10 +793,6 @@ class MLP(nn.Sequential):
     def linears(self):
         """The linear layers, first to last."""
         return [m for m in self if isinstance(m, nn.Linear)]
-
-
-import torch.nn as nn
-import torch.nn.functional as F
 
 
 def _scaled(channels, width):
