@@ -12,8 +12,10 @@ Paper's run (real CIFAR-10 at <data-root>/cifar10.npz):
     python vgg_sgd.py --data-root /path/to/data
 One Slurm task per smoothing: python vgg_sgd.py --smoothings 0.5; then --plot-only.
 Figure 28 alone: python vgg_sgd.py --epochs 1
-Cost: not measured on a GPU (no GPU was available to this work). Reduced scale on 2 shared CPU
-cores: see plots/README.md.
+Cost: not measured on a GPU (no GPU was available to this work; no projection is given). The
+reduced-scale Figure 28 in plots/vgg_sgd (VGG11 width 1/8, one epoch of all 50000 images,
+measurements every 20 iterations on 250 images) took 5 minutes per trial on 2 shared CPU cores;
+command in plots/README.md.
 Smoke run (synthetic data, seconds): python vgg_sgd.py --smoke
 
 Writes, under --out (default results/vgg_sgd):
@@ -39,6 +41,8 @@ Choices where the paper is silent (a careful reading, not the authors' code):
   error --eig-tol. Loss, accuracy and output norm of the subset are taken in eval mode.
 - The measurement subset and the initial weights come from the trial's seed (--seed + trial);
   every smoothing of a trial shares them and the order of the batches.
+- No 2/lr line on the sharpness panels (unlike fullbatch.py): it is the stability bound of
+  full-batch GD, not of SGD, and at lr 0.01 it (200) would flatten the curves.
 """
 import math
 
@@ -262,9 +266,6 @@ def plot(args, runs):
                                style_label="smoothing", log_metrics=logs,
                                xlabel=f"iteration ({per_epoch} per epoch)",
                                title=f"{title}, {span}")
-        ax = fig.axes[list(METRIC_LABELS).index("sharpness")]
-        ax.axhline(2 / args.lr, color="grey", linewidth=0.8, linestyle=":", label="2 / lr")
-        ax.legend(fontsize="small")
         paths += common.save_figure(fig, f"{args.out}/plots/{stem}")
     return paths
 
