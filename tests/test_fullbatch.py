@@ -141,3 +141,31 @@ def test_plot_only_redraws_from_saved_results(tmp_path, capsys):
     run_main(TINY + ["--out", str(out), "--smoothings", "0", "--plot-only"])
     assert png.stat().st_size > 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.json")} == saved
+
+
+def test_sharpening_measurements_are_pure_and_match_their_definitions():
+    torch.manual_seed(0)
+    model = common.build_model("vgg11", width=0.0625)
+    x, y = torch.randn(12, 3, 32, 32), torch.randint(0, 10, (12,))
+    model.train()
+    model(x)  # move BN's running statistics off their initial values
+    loss_fn = common.cross_entropy(0.5)
+    model.zero_grad()
+    loss_fn(model(x), y).backward()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    row = common.sharpening_measurements(model, loss_fn, x, y, ghost_batch_size=6,
+                                         with_output_norm=True)
+    assert model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    assert row["sharpness"] == pytest.approx(common.sharpness(model, loss_fn, batches), rel=1e-3)
+    assert row["jacobian"] == pytest.approx(common.jacobian_norm(model, x), rel=1e-6)
+    model.eval()
+    with torch.no_grad():
+        assert row["output_norm"] == pytest.approx(torch.linalg.norm(model(x)).item(), rel=1e-5)
+    # excess loss: cross entropy minus label entropy, zero at the smoothed target itself
+    target = torch.full((1, 10), 0.05).scatter_(1, torch.tensor([[3]]), 0.55)
+    ce = common.cross_entropy(0.5)(target.log(), torch.tensor([3])).item()
+    assert common.excess_loss(ce, 0.5, 10) == pytest.approx(0.0, abs=1e-6)
