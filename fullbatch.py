@@ -18,8 +18,8 @@ One Slurm task per (model, lr, trial), e.g. array index i -> trial i % 5:
     (the task runs smoothing 0 first, then 0.5 and 0.75 for its iteration count); afterwards
     python fullbatch.py --plot-only
 Cost: not measured on a GPU (no GPU was available to this work; no projection is given). The
-reduced-scale Figure 1 in plots/fullbatch (VGG11 width 1/8, 500 images, 2 trials, 6 runs of
-about 100 iterations) took 8.5 minutes on 2 shared CPU cores; command in plots/README.md.
+reduced-scale Figure 1 in plots/fullbatch (VGG11 width 1/8, 500 images, 3 trials, 9 runs of
+about 100 iterations) took 11 minutes on 2 shared CPU cores; command in plots/README.md.
 Smoke run (synthetic data, seconds): python fullbatch.py --smoke
 
 Writes, under --out (default results/fullbatch):

@@ -14,7 +14,7 @@ One Slurm task per smoothing: python vgg_sgd.py --smoothings 0.5; then --plot-on
 Figure 28 alone: python vgg_sgd.py --epochs 1
 Cost: not measured on a GPU (no GPU was available to this work; no projection is given). The
 reduced-scale Figure 28 in plots/vgg_sgd (VGG11 width 1/8, one epoch of all 50000 images,
-measurements every 20 iterations on 250 images) took 5 minutes per trial on 2 shared CPU cores;
+measurements every 20 iterations on 250 images) took 4-5 minutes per trial on 2 shared CPU cores;
 command in plots/README.md.
 Smoke run (synthetic data, seconds): python vgg_sgd.py --smoke
 
