@@ -1044,6 +1044,59 @@ def seed_everything(seed):
 
 # (progressive-sharpening additions go here)
 
+# Measurements shared by fullbatch.py (Appendix B.1) and vgg_sgd.py (Appendix C.1): both track
+# sharpness, the softmaxed model's Jacobian norm and the excess loss on a fixed subset of the
+# training set during training.
+
+def excess_loss(loss, smoothing, num_classes):
+    """Cross entropy minus the label entropy: 0 at a perfect fit for every smoothing, so losses
+    with different smoothings share one axis (the paper's Figure 1 and Section 5)."""
+    return loss - label_entropy(smoothing, num_classes)
+
+
+@torch.no_grad()
+def output_norm(model, x, chunk_size=None):
+    """Frobenius norm ||f(X)||_F of the (N, K) logits over the inputs x, in eval mode (BN running
+    statistics, as for the Jacobian norm); the model's mode is restored and nothing is written."""
+    total = 0.0
+    with _MeasureMode(model, "eval"):
+        for s in index_chunks(len(x), chunk_size):
+            total += model(x[s]).double().square().sum().item()
+    return math.sqrt(total)
+
+
+def apply_smoke(parser, args, **values):
+    """--smoke: sets each named option to its tiny value unless it was given on the command line
+    (i.e. differs from the parser's default), so `--smoke --models resnet18` keeps resnet18."""
+    defaults = {a.dest: a.default for a in parser._actions}
+    for name, value in values.items():
+        if getattr(args, name) == defaults[name]:
+            setattr(args, name, value)
+    return args
+
+
+def sharpening_measurements(model, loss_fn, x, y, *, ghost_batch_size=None, tol=1e-3,
+                            max_iter=100, with_output_norm=False):
+    """What the progressive-sharpening figures plot, measured on a fixed subset (x, y).
+
+    sharpness: top Hessian eigenvalue of the mean loss over (x, y), BN in train mode with each
+        ghost batch of `ghost_batch_size` examples normalised by its own statistics (Lanczos,
+        relative error `tol`; `sharpness_matvecs` products were used).
+    jacobian: largest spectral norm over x of d softmax(f(x)) / dx, BN in eval mode.
+    output_norm (if asked): Frobenius norm of the (N, K) logits, eval mode.
+    Pure: parameters, buffers, `.grad` and training flags are left as they were.
+
+    Returns:
+        dict of floats.
+    """
+    batches = [(x[s], y[s]) for s in index_chunks(len(x), ghost_batch_size)]
+    info = sharpness(model, loss_fn, batches, tol=tol, max_iter=max_iter, return_info=True)
+    row = {"sharpness": info.eigenvalues[0], "sharpness_matvecs": info.matvecs,
+           "jacobian": jacobian_norm(model, x, softmax=True)}
+    if with_output_norm:
+        row["output_norm"] = output_norm(model, x, ghost_batch_size)
+    return row
+
 
 # (regularisers: augmentation, mixup, SAM go here)
 
