@@ -1065,16 +1065,6 @@ def output_norm(model, x, chunk_size=None):
     return math.sqrt(total)
 
 
-def apply_smoke(parser, args, **values):
-    """--smoke: sets each named option to its tiny value unless it was given on the command line
-    (i.e. differs from the parser's default), so `--smoke --models resnet18` keeps resnet18."""
-    defaults = {a.dest: a.default for a in parser._actions}
-    for name, value in values.items():
-        if getattr(args, name) == defaults[name]:
-            setattr(args, name, value)
-    return args
-
-
 def sharpening_measurements(model, loss_fn, x, y, *, ghost_batch_size=None, tol=1e-3,
                             max_iter=100, with_output_norm=False):
     """What the progressive-sharpening figures plot, measured on a fixed subset (x, y).

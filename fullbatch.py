@@ -85,12 +85,12 @@ def parse_args(argv=None):
     parser.add_argument("--eig-max-iter", type=int, default=100, help="most Lanczos steps")
     parser.add_argument("--checkpoint-seconds", type=float, default=300.0,
                         help="least time between checkpoints (taken at measurements)")
-    args = parser.parse_args(argv)
-    if args.smoke:  # tiny sizes on synthetic data; options given explicitly are kept
-        common.apply_smoke(parser, args, dataset="synthetic-cifar10", models=["vgg11"], lrs=[0.08],
-                           trials=2, width=0.0625, train_subset=64, ghost_batch_size=32,
-                           measure_size=16, max_iterations=4, measure_every=2, eig_tol=1e-2,
-                           eig_max_iter=10)
+    # --smoke: tiny sizes on synthetic data, in their own folder; options given explicitly win
+    smoke = dict(out="results/fullbatch_smoke", dataset="synthetic-cifar10", models=["vgg11"],
+                 lrs=[0.08], trials=2, width=0.0625, train_subset=64, ghost_batch_size=32,
+                 measure_size=16, max_iterations=4, measure_every=2, eig_tol=1e-2,
+                 eig_max_iter=10)
+    args = common.parse_with_smoke(parser, argv, smoke)
     common.check_positive(args, "lrs", "width", "ghost_batch_size", "max_iterations",
                           "measure_size", "eig_tol", "eig_max_iter")
     common.check_unit_interval(args, "smoothings", "target_accuracy")

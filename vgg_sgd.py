@@ -84,11 +84,11 @@ def parse_args(argv=None):
     parser.add_argument("--eig-max-iter", type=int, default=100, help="most Lanczos steps")
     parser.add_argument("--checkpoint-seconds", type=float, default=300.0,
                         help="least time between checkpoints (taken at measurements)")
-    args = parser.parse_args(argv)
-    if args.smoke:  # tiny sizes on synthetic data; options given explicitly are kept
-        common.apply_smoke(parser, args, dataset="synthetic-cifar10", width=0.0625,
-                           train_subset=64, batch_size=16, epochs=3, measure_every=2,
-                           measure_size=16, eig_tol=1e-2, eig_max_iter=10)
+    # --smoke: tiny sizes on synthetic data, in their own folder; options given explicitly win
+    smoke = dict(out="results/vgg_sgd_smoke", dataset="synthetic-cifar10", width=0.0625,
+                 train_subset=64, batch_size=16, epochs=3, measure_every=2, measure_size=16,
+                 eig_tol=1e-2, eig_max_iter=10)
+    args = common.parse_with_smoke(parser, argv, smoke)
     if args.measure_batch_size is None:
         args.measure_batch_size = args.batch_size
     common.check_positive(args, "lr", "batch_size", "epochs", "width", "measure_every",
