@@ -170,6 +170,13 @@ def hessian_operator(model, loss_fn, batches, reuse_graph=True):
     Returns:
         (matvec, dim): matvec(v) = H v for a flat (dim,) vector v.
     """
+    matvec, dim, _ = _hessian_operator(model, loss_fn, batches, reuse_graph)
+    return matvec, dim
+
+
+def _hessian_operator(model, loss_fn, batches, reuse_graph):
+    """`hessian_operator`'s (matvec, dim) and the flat mean-loss gradient (P,), read off the
+    reused first-order graphs at no cost (None when reuse_graph=False)."""
     batches = _check_batches(batches, model)
     params = _trainable_parameters(model)
     total = sum(len(x) for x, _ in batches)
@@ -181,6 +188,11 @@ def hessian_operator(model, loss_fn, batches, reuse_graph=True):
         return torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
 
     graphs = [batch_gradient(x, y) for x, y in batches] if reuse_graph else None
+    gradient = None
+    if reuse_graph:
+        gradient = sum((len(x) / total) * _flatten([None if g is None else g.detach()
+                                                    for g in grads], params)
+                       for (x, _), grads in zip(batches, graphs))
 
     @torch.enable_grad()
     def matvec(v):
@@ -194,7 +206,7 @@ def hessian_operator(model, loss_fn, batches, reuse_graph=True):
             out += (len(x) / total) * _flatten(hv, params)
         return out
 
-    return matvec, sum(p.numel() for p in params)
+    return matvec, sum(p.numel() for p in params), gradient
 
 
 def _output_hessian_factor(loss_fn, outputs, targets):
@@ -250,16 +262,23 @@ def gauss_newton_operator(model, loss_fn, batches):
     return torch.enable_grad()(matvec), sum(p.numel() for p in params)
 
 
-def _start_vectors(dim, k, generator, device, dtype):
+def _start_vectors(dim, k, generator, device, dtype, start=None):
     """(dim, k) orthonormal Gaussian start, drawn on the CPU in float64 so a seed gives the
-    same start on every device."""
+    same start on every device. A `start` direction is added, with equal weight, to the first
+    random vector: the mix keeps a random component (so no eigenvector is missed for want of
+    overlap) and the start's overlap with the wanted eigenvectors."""
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     q = torch.randn(dim, k, generator=generator, dtype=torch.float64)
+    if start is not None:
+        s = start.detach().reshape(-1).to("cpu", torch.float64)
+        norm = torch.linalg.vector_norm(s)
+        if torch.isfinite(norm) and norm > 0:
+            q[:, 0] = q[:, 0] / torch.linalg.vector_norm(q[:, 0]) + s / norm
     return torch.linalg.qr(q)[0].to(device=device, dtype=dtype)
 
 
-def _lanczos(matvec, dim, k, tol, max_iter, generator, device, dtype):
+def _lanczos(matvec, dim, k, tol, max_iter, generator, device, dtype, start=None):
     """Lanczos with full reorthogonalisation for the k largest (algebraic) eigenvalues.
 
     After m steps the Ritz pairs (theta_j, y_j) of the tridiagonal T_m estimate the top
@@ -269,7 +288,7 @@ def _lanczos(matvec, dim, k, tol, max_iter, generator, device, dtype):
     below tol * |theta_j| for every j <= k.
     """
     steps = min(max_iter, dim)
-    q = _start_vectors(dim, 1, generator, device, dtype)[:, 0]
+    q = _start_vectors(dim, 1, generator, device, dtype, start)[:, 0]
     basis = torch.empty(steps + 1, dim, device=device, dtype=dtype)  # (m+1, P)
     basis[0] = q
     alphas, betas = [], []
@@ -322,14 +341,14 @@ def _ritz_errors(theta, s, beta, k):
     return errors, residuals
 
 
-def _power(matvec, dim, k, tol, max_iter, generator, device, dtype):
+def _power(matvec, dim, k, tol, max_iter, generator, device, dtype, start=None):
     """Power (subspace) iteration with Rayleigh-Ritz for the k largest-magnitude eigenvalues.
 
     Kept for parity with the paper, which used the power method. Stops when every relative
     residual ||A v_j - theta_j v_j|| / |theta_j| <= tol, a bound on the relative eigenvalue
     error for symmetric operators (unlike a stop on the change between iterates).
     """
-    v = _start_vectors(dim, k, generator, device, dtype)  # (P, k)
+    v = _start_vectors(dim, k, generator, device, dtype, start)  # (P, k)
     matvecs, converged, it = 0, False, 0
     for it in range(1, max_iter + 1):
         av = torch.stack([matvec(v[:, j]) for j in range(k)], dim=1)  # (P, k)
@@ -356,7 +375,7 @@ _SOLVERS = {"lanczos": _lanczos, "power": _power}
 
 
 def top_eigenvalues(matvec, dim, k=1, method="lanczos", tol=1e-5, max_iter=100,
-                    generator=None, device=None, dtype=torch.float32):
+                    generator=None, device=None, dtype=torch.float32, start=None):
     """Top-k eigenvalues of a symmetric linear operator given only its products.
 
     Args:
@@ -370,6 +389,8 @@ def top_eigenvalues(matvec, dim, k=1, method="lanczos", tol=1e-5, max_iter=100,
         max_iter: most Lanczos steps / power iterations.
         generator: torch.Generator (CPU) for the start vector; default seed 0.
         device, dtype: of the vectors (those of the operator's inputs).
+        start: optional (dim,) direction mixed, with equal weight, into the random start
+            (e.g. a guess of the top eigenvector); None: a purely random start.
 
     Returns:
         EigenResult with eigenvalues descending and diagnostics.
@@ -378,21 +399,22 @@ def top_eigenvalues(matvec, dim, k=1, method="lanczos", tol=1e-5, max_iter=100,
     if dim < k:
         raise ValueError(f"k={k} exceeds the operator's dimension {dim}")
     device = torch.device("cpu") if device is None else torch.device(device)
-    return _SOLVERS[method](matvec, dim, k, tol, max_iter, generator, device, dtype)
+    return _SOLVERS[method](matvec, dim, k, tol, max_iter, generator, device, dtype, start)
 
 
-def _operator_eigenvalues(operator, model, k, method, tol, max_iter, generator, return_info):
+def _operator_eigenvalues(operator, model, k, method, tol, max_iter, generator, return_info,
+                          start=None):
     matvec, dim = operator
     ref = next(iter(model.parameters()))
     result = top_eigenvalues(matvec, dim, k, method, tol, max_iter, generator,
-                             ref.device, ref.dtype)
+                             ref.device, ref.dtype, start)
     if return_info:
         return result
     return result.eigenvalues[0] if k == 1 else result.eigenvalues
 
 
 def sharpness(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5, max_iter=100,
-              generator=None, reuse_graph=True, return_info=False):
+              generator=None, reuse_graph=True, gradient_start=True, return_info=False):
     """Sharpness: the largest eigenvalue of the loss Hessian w.r.t. the trainable parameters.
 
         lambda_max( d^2/dtheta^2 [ (1/N) sum_i loss(f(x_i; theta), y_i) ] )
@@ -413,15 +435,19 @@ def sharpness(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5, max_i
         max_iter: most products / iterations.
         generator: torch.Generator for the random start (default: seed 0).
         reuse_graph: see `hessian_operator`.
+        gradient_start: mix the loss gradient (free from the reused graph) into the random
+            start vector. The gradient lies largely in the top Hessian eigenspace (Gur-Ari et
+            al., 2018), so Lanczos needs fewer products; the random part keeps the start
+            generic. Ignored when reuse_graph=False.
         return_info: return the full `EigenResult` (eigenvalues, products, convergence).
 
     Returns:
         float (k == 1), list of floats (k > 1) or EigenResult (return_info=True).
     """
     _check_solver_options(k, tol, max_iter, method)
-    operator = hessian_operator(model, loss_fn, batches, reuse_graph=reuse_graph)
-    return _operator_eigenvalues(operator, model, k, method, tol, max_iter, generator,
-                                 return_info)
+    matvec, dim, gradient = _hessian_operator(model, loss_fn, batches, reuse_graph)
+    return _operator_eigenvalues((matvec, dim), model, k, method, tol, max_iter, generator,
+                                 return_info, gradient if gradient_start else None)
 
 
 def gauss_newton_norm(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5,
