@@ -289,7 +289,8 @@ def _lanczos(matvec, dim, k, tol, max_iter, generator, device, dtype, start=None
     """
     steps = min(max_iter, dim)
     q = _start_vectors(dim, 1, generator, device, dtype, start)[:, 0]
-    basis = torch.empty(steps + 1, dim, device=device, dtype=dtype)  # (m+1, P)
+    # the basis grows by doubling: memory follows the steps taken, not max_iter
+    basis = torch.empty(min(steps + 1, 16), dim, device=device, dtype=dtype)  # (rows, P)
     basis[0] = q
     alphas, betas = [], []
     converged, m = False, 0
@@ -310,6 +311,10 @@ def _lanczos(matvec, dim, k, tol, max_iter, generator, device, dtype, start=None
             converged = len(theta) >= k
             break
         betas.append(beta)
+        if m == len(basis):
+            grown = torch.empty(min(2 * m, steps + 1), dim, device=device, dtype=dtype)
+            grown[:m] = basis
+            basis = grown
         basis[m] = w / beta
     k_found = min(k, len(theta))
     vectors = basis[:m].T @ s[:, :k_found].to(device=device, dtype=dtype)  # (P, k)
