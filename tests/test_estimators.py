@@ -420,3 +420,17 @@ def test_start_direction_saves_products_and_keeps_the_answer():
     for gradient_start in (True, False):
         assert rel(sharpness(model, smooth_ce, batches, gradient_start=gradient_start),
                    exact) < 1e-4
+
+
+def test_lanczos_past_its_initial_basis_allocation():
+    """More steps than the first basis block (16 rows): the basis grows and stays exact."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))[0]
+    spectrum = torch.cat([torch.tensor([10.0, 9.0, 4.0]), torch.linspace(-3, 1, 57)]).double()
+    a = q @ torch.diag(spectrum) @ q.T
+    res = top_eigenvalues(lambda v: a @ v, 60, k=3, tol=1e-30, max_iter=40, dtype=torch.float64)
+    assert res.matvecs > 16
+    torch.testing.assert_close(torch.tensor(res.eigenvalues, dtype=torch.float64),
+                               spectrum[:3], rtol=1e-12, atol=0)
+    torch.testing.assert_close(res.eigenvectors.T @ res.eigenvectors,
+                               torch.eye(3, dtype=torch.float64), atol=1e-10, rtol=0)
