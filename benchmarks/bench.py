@@ -21,7 +21,7 @@ every tool differentiates the same function (PyHessian switches the model to eva
 BN and dropout, train and eval mode agree). The training comparison uses VGG11 with BN.
 
 Run (about 10 minutes on one core; needs `pip install -r benchmarks/requirements.txt`):
-    flock /work/notes/cpu.lock python3 benchmarks/bench.py --data-root ../shared/data --threads 1
+    python3 benchmarks/bench.py --data-root ../shared/data --threads 1
 On a GPU: python3 benchmarks/bench.py --device cuda --width 1.0 --data-root <folder>
 Tiny check (synthetic data, seconds): python3 benchmarks/bench.py --smoke --dataset
 synthetic-cifar10 --out /tmp/bench
