@@ -16,8 +16,9 @@ Paper's sweep (one cell per Slurm array task, see slurm/train_regularisers.sbatc
     python train_regularisers.py --list-grid                        # the cells
     python train_regularisers.py --grid-index $SLURM_ARRAY_TASK_ID  # one cell
     python train_regularisers.py --plot-only                        # figures + correlations
-GPU cost: not measured (no GPU was lent). The grid has 2 x 2 x 2 x (4 + 5 + 5 + 5 + 5 - 4 shared
-baselines) x 2 learning rates x 5 trials = 1600 cells of 90 epochs each (SAM cells cost twice).
+GPU cost: not measured (no GPU was lent). The grid has 2 x 2 x 2 x 21 settings (4 + 5 + 5 + 5 + 5
+sweep points, the baseline shared by four sweeps counted once) x 2 initial learning rates x 5
+trials = 1680 cells of 90 epochs each (SAM cells cost about twice as much).
 Smoke run (synthetic data, seconds): python train_regularisers.py --smoke --datasets synthetic-cifar10
 
 Writes, under --out (default results/train_regularisers):

@@ -123,3 +123,16 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, flags, message):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_slurm_template_runs_the_array_task_cell(tmp_path):
+    import os
+    import subprocess
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "3", "SLURM_SUBMIT_DIR": os.getcwd()}
+    done = subprocess.run(["bash", "slurm/batch_lr.sbatch", "--device", "cpu", "--list-grid"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "# 300 cells"
+    missing = subprocess.run(["bash", "slurm/batch_lr.sbatch"], capture_output=True, text=True,
+                             env={k: v for k, v in env.items() if k != "SLURM_ARRAY_TASK_ID"})
+    assert missing.returncode != 0 and "array job" in missing.stderr

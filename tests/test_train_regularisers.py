@@ -131,3 +131,14 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, flags, message):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_slurm_template_passes_the_array_task_index(tmp_path):
+    import os
+    import subprocess
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "5000", "SLURM_SUBMIT_DIR": os.getcwd()}
+    done = subprocess.run(["bash", "slurm/train_regularisers.sbatch", "--device", "cpu",
+                           "--out", str(tmp_path / "out")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2  # index 5000 is outside the 1680-cell grid: one-line error
+    assert "--grid-index must lie in [0, 1679]" in done.stderr
