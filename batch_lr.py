@@ -200,6 +200,7 @@ def train(config, args, data, device):
             losses.append(loss)
             recent = losses[-config["window"]:]
             if not math.isfinite(loss):
+                bar.close()
                 return diverged(run, step)
             reached = len(recent) == config["window"] and sum(recent) / len(recent) < config["target_loss"]
             if reached or step >= config["max_iterations"]:
@@ -209,6 +210,7 @@ def train(config, args, data, device):
         idx = stream.next().to(device)
         loss, _ = common.sam_step(model, optimizer, loss_fn, data.x_train[idx], data.y_train[idx])
         if not math.isfinite(loss):
+            bar.close()
             return diverged(run, step)
         step += 1
         bar.update()

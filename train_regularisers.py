@@ -236,7 +236,8 @@ def train(config, args, data, device):
                                    measure_size=config["measure_size"],
                                    ghost_batch=config["batch_size"], eig_tol=config["eig_tol"],
                                    gauss_newton=True)
-    run.finish("finished", train_seconds=seconds, measure_seconds=time.monotonic() - started - seconds,
+    status = "finished" if math.isfinite(summary["train_loss"]) else "diverged"
+    run.finish(status, train_seconds=seconds, measure_seconds=time.monotonic() - started - seconds,
                **summary)
     return run.load()
 
