@@ -255,16 +255,16 @@ def plot(args, runs):
 
 def sweep_figure(runs, x_key, style_key, title, correlation):
     labels = {"lr": "learning rate", "batch_size": "batch size"}
-    fig, axes = common.new_figure(1, len(METRIC_LABELS))
-    for ax, (metric, label) in zip(axes[0], METRIC_LABELS.items()):
+    fig, axes = common.new_figure(2, 3)
+    for ax, (metric, label) in zip(axes.flat, METRIC_LABELS.items()):
         common.plot_sweep(ax, runs, x_key, style_key, metric, style_label=labels[style_key],
                           log_x=True, log_y=metric in ("sharpness", "iterations"))
         ax.set_xlabel(labels[x_key])
         ax.set_ylabel(label)
     axes[0, 0].legend(fontsize="x-small")
     trials = len({r["config"]["trial"] for r in runs})
-    fig.suptitle(f"{title}: end of training, mean ± std over {trials} trials; Kendall tau(gap, "
-                 f"Jacobian) = {correlation['tau_gap_jacobian']:.2f}, tau(gap, sharpness) = "
+    fig.suptitle(f"{title}: end of training, mean ± std over {trials} trials\nKendall τ(gap, "
+                 f"Jacobian) = {correlation['tau_gap_jacobian']:.2f}, τ(gap, sharpness) = "
                  f"{correlation['tau_gap_sharpness']:.2f} over {correlation['n']} cells")
     return fig
 

@@ -1621,7 +1621,12 @@ def plot_sweep(ax, runs, x_key, style_key, metric, *, style_label=None, log_x=Fa
         if diverged:
             ax.plot(diverged, [0.97] * len(diverged), "x", color=color, transform=top,
                     clip_on=False, label=f"diverged ({style_label or style_key} = {style:g})")
-    ax.set_xscale("log" if log_x else "linear")
+    if log_x:  # ticks at the swept values, labelled plainly (64, 128, ... not 10^2)
+        from matplotlib.ticker import NullFormatter
+        ax.set_xscale("log")
+        values = sorted({r["config"][x_key] for r in runs})
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     if log_y:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
