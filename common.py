@@ -1627,6 +1627,10 @@ def plot_sweep(ax, runs, x_key, style_key, metric, *, style_label=None, log_x=Fa
         values = sorted({r["config"][x_key] for r in runs})
         ax.set_xticks(values, [f"{v:g}" for v in values])
         ax.xaxis.set_minor_formatter(NullFormatter())
+    else:  # few, compact ticks: weight decays like 0.0005 would otherwise collide
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
     if log_y:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
