@@ -97,7 +97,7 @@ def parse_args(argv=None):
         args.models, args.batch_norm, args.lrs, args.trials = ["vgg11"], ["with"], [0.05], 1
         args.weight_decays, args.smoothings, args.mixup_betas = [0.0, 5e-4], [0.0, 0.2], [0.0, 1.0]
         args.augment_ps, args.sam_rhos, args.epochs, args.milestones = [0.0, 1.0], [0.0, 0.05], 2, [1]
-        args.train_size, args.test_size, args.batch_size, args.width = 96, 96, 32, 0.125
+        args.train_size, args.test_size, args.batch_size, args.width = 64, 64, 32, 0.125
         args.measure_size, args.eig_tol = 16, 3e-2
     validate(args)
     return args

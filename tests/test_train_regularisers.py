@@ -104,16 +104,17 @@ def test_diverged_cell_is_recorded_and_plotted(tmp_path, capsys):
 
 
 def test_cifar100_mixup_and_augmentation_on_synthetic_data(tmp_path):
-    args = tiny(tmp_path, "--datasets", "synthetic-cifar100", "--models", "resnet18",
-                "--batch-norm", "without", "--sweeps", "mixup", "augmentation",
-                "--mixup-betas", "0.5", "--augment-ps", "0.5", "--epochs", "1", "--milestones", "1")
+    args = tiny(tmp_path, "--datasets", "synthetic-cifar100", "--batch-norm", "without",
+                "--sweeps", "mixup", "augmentation",
+                "--mixup-betas", "0.5", "--augment-ps", "0.5", "--epochs", "1", "--milestones", "1",
+                "--measure-size", "8")
     tr.main(tr.parse_args(args))
     found = results(tmp_path)
     assert len(found) == 2 and all(r["status"] == "finished" for r in found.values())
     tau = json.loads((tmp_path / "plots" / "correlations.json").read_text())
-    assert set(tau) == {"synthetic-cifar100_resnet18_no-bn_mixup",
-                        "synthetic-cifar100_resnet18_no-bn_augmentation"}
-    assert (tmp_path / "plots" / "fig26_synthetic-cifar100_resnet18_no-bn.png").exists()
+    assert set(tau) == {"synthetic-cifar100_vgg11_no-bn_mixup",
+                        "synthetic-cifar100_vgg11_no-bn_augmentation"}
+    assert (tmp_path / "plots" / "fig24_synthetic-cifar100_vgg11_no-bn.png").exists()
 
 
 @pytest.mark.parametrize("flags,message", [
