@@ -19,6 +19,9 @@ import torch
 
 # =============================================================================
 # 1. Estimators
+#    To copy this section into another project, it needs only:
+#        from dataclasses import dataclass, field
+#        import torch
 # =============================================================================
 
 # Why these choices (measured; see the README's "Estimators" section):
@@ -791,9 +794,11 @@ class MLP(nn.Sequential):
         """The linear layers, first to last."""
         return [m for m in self if isinstance(m, nn.Linear)]
 
-
-import torch.nn as nn
-import torch.nn.functional as F
+    def features(self, x):
+        """The last hidden layer's features (N, width): the input of the last linear layer."""
+        for module in list(self)[:-1]:
+            x = module(x)
+        return x
 
 
 def _scaled(channels, width):
@@ -1219,9 +1224,11 @@ def atomic_write(path, write, mode="wb"):
     the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # A fresh name opened with "x" (not mkstemp, whose files are private 0600): the file gets
+    # the permissions any other file written here would get.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
-        with os.fdopen(fd, mode) as f:
+        with open(tmp, mode.replace("w", "x")) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -1386,6 +1393,13 @@ def load_run(run_dir):
     return {"dir": run_dir, "config": meta["config"], "meta": meta, "metrics": metrics, "result": result}
 
 
+def load_saved(out, configs, keys):
+    """The saved runs (finished or diverged) of these configs, in order; runs not saved (yet)
+    are left out. Plotting reads results through this alone, so `--plot-only` needs no training."""
+    runs = [Run(out, config, keys) for config in configs]
+    return [run.load() for run in runs if run.done]
+
+
 def metric_series(run, name):
     """(steps, values) numpy arrays of one metric of a loaded run, NaN where it was not finite."""
     rows = [m for m in run["metrics"] if name in m]
@@ -1431,6 +1445,16 @@ def make_parser(doc, *, trials, out):
     g.add_argument("--plot-only", action="store_true", help="only redraw plots from saved results")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
+
+
+def parse_with_smoke(parser, argv, smoke):
+    """Parses argv; with --smoke, the `smoke` settings replace the defaults first, so flags given
+    explicitly still win (`--smoke --trials 1`)."""
+    args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**smoke)
+        args = parser.parse_args(argv)
+    return args
 
 
 def check(condition, msg):
@@ -1691,7 +1715,7 @@ def save_figure(fig, stem, dpi=110):
 
 
 def plot_runs(runs, metrics, style_key, *, labels=None, style_label=None, title=None,
-              xlabel="iteration", log_metrics=()):
+              xlabel="iteration", log_metrics=(), ncols=None):
     """One panel per metric; one line (mean +- std over the runs sharing a setting) per value
     of config[style_key], told apart by line style. Reads only loaded runs (see load_run).
 
@@ -1699,14 +1723,17 @@ def plot_runs(runs, metrics, style_key, *, labels=None, style_label=None, title=
         runs: loaded runs (trials of several settings).
         metrics: metric names, one panel each. labels: metric name -> axis label.
         style_key: the config key whose values get a line style each.
-        log_metrics: metrics drawn on a log scale.
+        log_metrics: metrics drawn on a log scale. ncols: panels per row (all in one row if None).
     Returns:
-        the Figure.
+        the Figure; fig.axes[i] is the panel of metrics[i].
     """
     labels = labels or {}
     settings = sorted({r["config"][style_key] for r in runs})
-    fig, axes = new_figure(1, len(metrics))
-    for ax, metric in zip(axes[0], metrics):
+    ncols = ncols or len(metrics)
+    fig, axes = new_figure(math.ceil(len(metrics) / ncols), ncols)
+    for ax in axes.flat[len(metrics):]:
+        fig.delaxes(ax)  # unused panels of the last row
+    for ax, metric in zip(axes.flat, metrics):
         for i, value in enumerate(settings):
             trials = [metric_series(r, metric) for r in runs if r["config"][style_key] == value]
             plot_band(ax, trials, label=f"{style_label or style_key} = {value}",
@@ -1716,7 +1743,7 @@ def plot_runs(runs, metrics, style_key, *, labels=None, style_label=None, title=
         if metric in log_metrics:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize="small")
+    axes.flat[0].legend(fontsize="small")
     if title:
         fig.suptitle(title)
     return fig

@@ -176,6 +176,12 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     assert common.load_json(path) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    common.save_json(tmp_path / "a.json", {})
+    (tmp_path / "b.json").write_text("{}")
+    assert (tmp_path / "a.json").stat().st_mode == (tmp_path / "b.json").stat().st_mode
+
+
 class Interrupt(Exception):
     pass
 

@@ -1,0 +1,205 @@
+"""Appendix C.2, Figures 30 (ReLU) and 31 (tanh): scaling the inputs of a small MLP.
+
+Three-layer fully-connected networks of width 200 (PyTorch default initialisation) are trained by
+full-batch gradient descent (lr 0.2, 300 iterations, cross entropy) on the first 5000 CIFAR-10
+training images, standardised per component, with the inputs then multiplied by 0.5, 1.0 or 1.5;
+5 trials per (activation, scale). Sharpness (top Hessian eigenvalue of the training loss) and the
+input-output Jacobian norm of the softmaxed model are tracked during training, with loss and
+accuracy. The paper's finding: smaller scales give more Jacobian growth but less sharpness growth.
+
+Paper's run (real CIFAR-10 at <data-root>/cifar10.npz):
+    python small_network.py --data-root ../shared/data
+Cost: not timed on a GPU; about 2 hours on 2 shared CPU cores (see plots/README.md for the
+measured time). Smoke run (synthetic data, seconds): python small_network.py --smoke
+--dataset synthetic-cifar10
+
+Writes, under --out (default results/small_network; results/small_network_smoke with --smoke):
+    <activation=..._scale=..._trial=...-hash>/{config,metrics,result}.json   one per run
+    plots/fig30_relu.{png,pdf}, plots/fig31_tanh.{png,pdf}     mean +- std over trials
+
+Choices where the paper is silent (a careful reading, not the authors' code):
+- "Three layer": three linear layers, 3072 -> 200 -> 200 -> 10, activation after the first two.
+- Standardisation statistics come from the whole CIFAR-10 training split (the paper: "measured
+  across the whole dataset"), then the first 5000 images are taken and scaled.
+- Trial t uses seed --seed + t for every scale and activation, so the scales of one trial start
+  from the same weights (common random numbers).
+- Sharpness and Jacobian norm are measured every 10 iterations (and at 0 and 300) on a fixed
+  random 2500 of the 5000 training images, as the paper does for its full-batch runs (B.1);
+  sharpness by Lanczos on the mean cross entropy over those images, Jacobian norm as the largest
+  spectral norm over them of d softmax(f(x)) / dx, x being the scaled input the network sees.
+- Also recorded: the spectral norm of the last hidden layer's feature matrix over the same
+  images, the quantity the paper names as the cause (its Df_l).
+"""
+import math
+
+import torch
+
+import common
+
+PAPER_FIGURES = {"relu": "fig30_relu", "tanh": "fig31_tanh"}
+METRIC_LABELS = {"loss": "training loss", "accuracy": "training accuracy", "sharpness": "sharpness",
+                 "jacobian": "Jacobian norm (softmax)", "feature_norm": "last features' spectral norm"}
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv=None):
+    parser = common.make_parser(__doc__, trials=5, out="results/small_network")
+    parser.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS))
+    parser.add_argument("--activations", nargs="+", default=["relu", "tanh"],
+                        choices=list(common.ACTIVATIONS))
+    parser.add_argument("--scales", nargs="+", type=float, default=[0.5, 1.0, 1.5],
+                        help="factors multiplying the standardised inputs")
+    parser.add_argument("--width", type=int, default=200)
+    parser.add_argument("--depth", type=int, default=3, help="number of linear layers")
+    parser.add_argument("--lr", type=float, default=0.2)
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--train-size", type=int, default=5000, help="first N training images")
+    parser.add_argument("--measure-every", type=int, default=10, help="iterations between measurements")
+    parser.add_argument("--measure-size", type=int, default=2500,
+                        help="training images (fixed random subset) used for sharpness and Jacobian")
+    parser.add_argument("--chunk-size", type=int, default=5000, help="examples per gradient chunk")
+    smoke = dict(out="results/small_network_smoke", trials=2, train_size=200, measure_size=100,
+                 iterations=6, measure_every=3, width=32)
+    args = common.parse_with_smoke(parser, argv, smoke)
+    common.check_positive(args, "scales", "width", "depth", "lr", "iterations", "train_size",
+                          "measure_every", "measure_size", "chunk_size")
+    common.check(args.train_size <= 50000, f"--train-size must be at most 50000, got {args.train_size}")
+    common.check(args.measure_size <= args.train_size,
+                 f"--measure-size ({args.measure_size}) must not exceed --train-size ({args.train_size})")
+    common.check_common(args, dataset=args.dataset)
+    return args
+
+
+def run_configs(args):
+    """One resolved config per (activation, scale, trial): everything that defines a run."""
+    return [dict(dataset=args.dataset, activation=activation, scale=scale, trial=trial,
+                 seed=args.seed + trial, width=args.width, depth=args.depth, lr=args.lr,
+                 iterations=args.iterations, train_size=args.train_size,
+                 measure_every=args.measure_every, measure_size=args.measure_size,
+                 chunk_size=args.chunk_size, standardise="component", init="default")
+            for activation in args.activations for scale in args.scales
+            for trial in range(args.trials)]
+
+
+RUN_KEYS = ("activation", "scale", "trial")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_inputs(args, device):
+    """The first train_size training images standardised per component, and the fixed subset
+    of them used for measurements (indices drawn with seed 0)."""
+    data = common.load_data(args.dataset, args.data_root, device=device, standardise="component",
+                            train_size=args.train_size, test_size=0, download=args.download)
+    measure_idx = common.subset_indices(args.train_size, args.measure_size, seed=0).to(device)
+    return data, measure_idx
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def make_model(config, num_classes, device):
+    torch.manual_seed(config["seed"])
+    return common.MLP(3 * 32 * 32, num_classes, width=config["width"], depth=config["depth"],
+                      activation=config["activation"], init=config["init"]).to(device)
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def train(config, args, data, measure_idx, device):
+    """Trains one run (or resumes it, or skips it if saved) and returns the loaded run."""
+    run = common.Run(args.out, config, RUN_KEYS)
+    if run.done:
+        return run.load()
+    model = make_model(config, data.num_classes, device)
+    optimizer = common.sgd(model, config["lr"])
+    loss_fn = common.cross_entropy()
+    x, y = data.x_train * config["scale"], data.y_train  # (N, 3, 32, 32), (N,)
+    state = run.begin(device)
+    start = common.restore_training_state(state, model, optimizer) if state else 0
+    label = f"{config['activation']} scale={config['scale']:g} trial={config['trial']}"
+    for step in common.progress(range(start, config["iterations"] + 1), desc=label,
+                                initial=start, total=config["iterations"] + 1, disable=args.no_progress):
+        measuring = step % config["measure_every"] == 0 or step == config["iterations"]
+        row = measure(model, loss_fn, x[measure_idx], y[measure_idx]) if measuring else {}
+        if step < config["iterations"]:  # loss and accuracy before this step's update
+            loss, accuracy = common.gradient_descent_step(model, optimizer, loss_fn, x, y,
+                                                          config["chunk_size"])
+        else:
+            loss, accuracy = common.evaluate(model, loss_fn, x, y, config["chunk_size"])
+        run.log(step, loss=loss, accuracy=accuracy, **row)
+        if not math.isfinite(loss):
+            run.finish("diverged", step=step)
+            return run.load()
+        if measuring:
+            run.checkpoint(lambda: common.training_state(step + 1, model, optimizer))
+    run.finish("finished", final_loss=loss, final_accuracy=accuracy)
+    return run.load()
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def measure(model, loss_fn, x, y):
+    """Sharpness, softmax Jacobian norm and last-hidden-feature spectral norm on (x, y)."""
+    batches = [(x[s], y[s]) for s in common.index_chunks(len(x), 2500)]
+    return {"sharpness": common.sharpness(model, loss_fn, batches),
+            "jacobian": common.jacobian_norm(model, x, softmax=True),
+            "feature_norm": last_feature_norm(model, x)}
+
+
+@torch.no_grad()
+def last_feature_norm(model, x):
+    """Spectral norm of the (N, width) matrix of features entering the last linear layer."""
+    return torch.linalg.matrix_norm(model.features(x).double(), ord=2).item()
+
+
+# ----------------------------------------------------------------------------- plotting
+
+
+def plot(args, runs):
+    """One figure per activation (Figures 30 and 31): a panel per quantity, a line style per
+    input scale, mean +- std over trials."""
+    paths = []
+    for activation in args.activations:
+        mine = [r for r in runs if r["config"]["activation"] == activation]
+        if not mine:
+            continue
+        trials = len({r["config"]["trial"] for r in mine})
+        fig = common.plot_runs(mine, list(METRIC_LABELS), "scale", labels=METRIC_LABELS,
+                               style_label="input scale", log_metrics=("loss",), ncols=3,
+                               title=f"{activation} MLP, width {args.width}, lr {args.lr:g}: "
+                                     f"mean ± std over {trials} trials")
+        fig.axes[2].axhline(2 / args.lr, color="grey", linewidth=0.8, linestyle=":", label="2 / lr")
+        stem = PAPER_FIGURES.get(activation, f"fig_{activation}")
+        paths += common.save_figure(fig, f"{args.out}/plots/{stem}")
+    return paths
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(args):
+    configs = run_configs(args)
+    pending = [c for c in configs if not common.Run(args.out, c, RUN_KEYS).done]
+    if pending and not args.plot_only:
+        device = common.resolve_device(args.device)
+        data, measure_idx = load_inputs(args, device)
+        for config in pending:
+            train(config, args, data, measure_idx, device)
+    runs = common.load_saved(args.out, configs, RUN_KEYS)
+    if not runs:
+        common.fail(f"no saved results for these settings under {args.out}: run without --plot-only first")
+    diverged = [common.run_name(r["config"], RUN_KEYS) for r in runs if r["result"]["status"] == "diverged"]
+    if diverged:
+        print(f"diverged (non-finite loss): {', '.join(diverged)}")
+    for path in plot(args, runs):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,151 @@
+"""coordinate_network.py (Appendix C.3): batched trials, smoke run, tables, resume, errors."""
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import coordinate_network as cn
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on shared, busy cores two threads spin against each other (measured
+    here: a smoke run took 2 min with two threads and 19 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+def smoke_args(out, *extra):
+    return cn.parse_args(["--smoke", "--out", str(out), "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("activation,init", cn.SETTINGS)
+def test_batched_trials_match_their_standalone_models(activation, init):
+    config = cn.run_configs(smoke_args("unused"))[cn.SETTINGS.index((activation, init))]
+    trials = cn.Trials(config, "cpu")
+    x = torch.linspace(-1, 1, 5).unsqueeze(1)
+    outputs = trials(x)  # (T, 5, 1)
+    for t in range(config["trials"]):
+        torch.testing.assert_close(outputs[t], trials.model(t)(x))
+        torch.testing.assert_close(trials.model(t).linears()[0].weight,
+                                   cn.make_model(config, config["seed"] + t).linears()[0].weight)
+
+
+def test_the_sin6pi_pretraining_target_interpolates_the_data():
+    x, y = cn.training_points()
+    torch.testing.assert_close(torch.sin(6 * math.pi * x), y, atol=1e-5, rtol=0)
+
+
+def test_low_frequency_gaussian_init_has_a_small_first_layer():
+    args = smoke_args("unused")
+    high, low = cn.run_configs(args)[:2]
+    w_high = cn.make_model(high, 0).linears()[0].weight
+    w_low = cn.make_model(low, 0).linears()[0].weight
+    assert w_low.norm() < w_high.norm() / 3
+
+
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("coordinate_network")
+    cn.main(smoke_args(out))
+    return out
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_runs_tables_and_figure(smoke_out):
+    runs = [common.load_run(d) for d in sorted(smoke_out.iterdir()) if d.name != "plots"]
+    assert sorted((r["config"]["activation"], r["config"]["init"]) for r in runs) == sorted(cn.SETTINGS)
+    for run in runs:
+        res = run["result"]
+        assert res["status"] == "finished" and res["diverged_trials"] == []
+        for q in ("jacobian", "sharpness", "first_layer_norm", "loss"):
+            assert len(res[q]) == 2 and all(math.isfinite(v) and v >= 0 for v in res[q])
+        assert len(res["fit"]) == 2 and len(res["fit"][0]) == len(res["grid"])
+    rows = list(csv.DictReader(open(smoke_out / "plots" / "tables.csv")))
+    assert len(rows) == 4 * len(cn.QUANTITIES) and all(r["n"] == "2" for r in rows)
+    table = (smoke_out / "plots" / "tables.md").read_text()
+    assert "## Table 1: gaussian network" in table and "## Table 2: relu network" in table
+    for ext in ("png", "pdf"):
+        assert (smoke_out / "plots" / f"fig32_fits.{ext}").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_plot_only_regenerates_tables_and_figure(smoke_out):
+    for f in (smoke_out / "plots").iterdir():
+        f.unlink()
+    cn.main(smoke_args(smoke_out, "--plot-only"))
+    assert sorted(f.name for f in (smoke_out / "plots").iterdir()) == [
+        "fig32_fits.pdf", "fig32_fits.png", "tables.csv", "tables.md"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("interrupt_at", [60, 160])  # in pretraining (100 steps), in training
+def test_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch, interrupt_at):
+    def args(out):
+        return smoke_args(out, "--activations", "relu")
+
+    cn.main(args(tmp_path / "reference"))
+    configs = cn.run_configs(args(tmp_path))
+    reference = common.load_saved(tmp_path / "reference", configs, cn.RUN_KEYS)
+    original_init = common.Run.__init__
+    monkeypatch.setattr(common.Run, "__init__",
+                        lambda self, *a, **k: original_init(self, *a, **{**k, "checkpoint_seconds": 0.0}))
+    losses = cn.Trials.losses
+    calls = []
+
+    def interrupted(self, *a):
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            raise Interrupt
+        return losses(self, *a)
+    monkeypatch.setattr(cn.Trials, "losses", interrupted)
+    with pytest.raises(Interrupt):
+        cn.main(args(tmp_path / "resumed"))
+    monkeypatch.setattr(cn.Trials, "losses", losses)
+    cn.main(args(tmp_path / "resumed"))
+    resumed = common.load_saved(tmp_path / "resumed", configs, cn.RUN_KEYS)
+    for new, old in zip(resumed, reference):
+        assert new["metrics"] == old["metrics"]
+        for q in ("loss", "jacobian", "sharpness", "first_layer_norm", "fit"):
+            assert new["result"][q] == old["result"][q]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "0"], "--lr must be positive, got 0.0"),
+    (["--momentum", "1.5"], "--momentum must lie in [0, 1), got 1.5"),
+    (["--activations", "sine"], "invalid choice: 'sine'"),
+    (["--trials", "-1"], "--trials must be at least 1, got -1"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        cn.parse_args(["--out", str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and ": error: " in err and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_rejected_command_line_shows_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "coordinate_network.py", "--out", str(tmp_path / "out"),
+                           "--gaussian-epochs", "-5"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "coordinate_network.py: error: --gaussian-epochs must be positive, got -5\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_plot_only_without_results_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cn.main(smoke_args(tmp_path, "--plot-only"))
+    assert exc.value.code == 2 and "no saved results" in capsys.readouterr().err

@@ -1,0 +1,146 @@
+"""small_network.py (Appendix C.2): smoke runs, resume, --plot-only, command-line errors."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import small_network
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = REPO.parent / "shared" / "data"  # present on the project's machines, not in CI
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on shared, busy cores two threads spin against each other (measured
+    here: a smoke run took 2 min with two threads and 19 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+def smoke_args(out, *extra):
+    return small_network.parse_args(["--smoke", "--dataset", "synthetic-cifar10", "--out", str(out),
+                                     "--no-progress", *extra])
+
+
+def saved_files(out):
+    return {p: p.stat().st_mtime_ns for p in Path(out).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small_network")
+    small_network.main(smoke_args(out))
+    return out
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_runs_and_figures(smoke_out):
+    runs = [common.load_run(d) for d in sorted(smoke_out.iterdir()) if d.name != "plots"]
+    assert len(runs) == 2 * 3 * 2  # activations x scales x trials
+    for run in runs:
+        assert run["result"]["status"] == "finished"
+        steps, sharp = common.metric_series(run, "sharpness")
+        assert steps.tolist() == [0, 3, 6] and (sharp > 0).all()
+        assert common.metric_series(run, "loss")[0].tolist() == list(range(7))
+        assert run["meta"]["torch"] and run["meta"]["device"] == "cpu"
+        assert not (run["dir"] / "checkpoint.pt").exists()
+    for stem in ("fig30_relu", "fig31_tanh"):
+        for ext in ("png", "pdf"):
+            assert (smoke_out / "plots" / f"{stem}.{ext}").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_runs_and_plot_only_redraws(smoke_out, monkeypatch):
+    before = {p: t for p, t in saved_files(smoke_out).items() if "plots" not in p.parts}
+    for png in (smoke_out / "plots").iterdir():
+        png.unlink()
+    monkeypatch.setattr(common, "load_data", lambda *a, **k: pytest.fail("finished runs reloaded data"))
+    small_network.main(smoke_args(smoke_out))  # all runs saved: nothing is trained again
+    after = saved_files(smoke_out)
+    assert all(after[p] == t for p, t in before.items())
+    assert (smoke_out / "plots" / "fig30_relu.png").exists()
+    (smoke_out / "plots" / "fig31_tanh.png").unlink()
+    small_network.main(smoke_args(smoke_out, "--plot-only"))
+    assert (smoke_out / "plots" / "fig31_tanh.png").exists()
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    def args(out):
+        return smoke_args(out, "--activations", "tanh", "--scales", "1.5", "--trials", "1")
+
+    small_network.main(args(tmp_path / "reference"))
+    reference = common.load_saved(tmp_path / "reference", small_network.run_configs(args(tmp_path)),
+                                  small_network.RUN_KEYS)[0]
+    original_init = common.Run.__init__
+    monkeypatch.setattr(common.Run, "__init__",
+                        lambda self, *a, **k: original_init(self, *a, **{**k, "checkpoint_seconds": 0.0}))
+    step = common.gradient_descent_step
+    calls = []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:  # step 4: the last checkpoint was after step 3
+            raise Interrupt
+        return step(*a, **k)
+    monkeypatch.setattr(common, "gradient_descent_step", interrupted)
+    with pytest.raises(Interrupt):
+        small_network.main(args(tmp_path / "resumed"))
+    monkeypatch.setattr(common, "gradient_descent_step", step)
+    run_dir = next(d for d in (tmp_path / "resumed").iterdir() if d.name != "plots")
+    assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "result.json").exists()
+    small_network.main(args(tmp_path / "resumed"))
+    resumed = common.load_run(run_dir)
+    assert resumed["metrics"] == reference["metrics"]
+    assert resumed["meta"]["resumed"]  # the restart is on record
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "-0.2"], "--lr must be positive, got -0.2"),
+    (["--activations", "swish"], "invalid choice: 'swish'"),
+    (["--measure-size", "6000"], "--measure-size (6000) must not exceed --train-size (5000)"),
+    (["--dataset", "cifar10"], "data set cifar10 not found at"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        small_network.parse_args(["--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "out"),
+                                  "--dataset", "synthetic-cifar10", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and ": error: " in err and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_rejected_command_line_writes_nothing_and_shows_no_traceback(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.json").write_text("{}")
+    proc = subprocess.run([sys.executable, "small_network.py", "--out", str(out),
+                           "--data-root", str(tmp_path / "none")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (f"small_network.py: error: data set cifar10 not found at "
+                           f"{tmp_path / 'none' / 'cifar10.npz'}: point --data-root at the folder "
+                           "holding cifar10.npz, or pass --download to fetch it through torchvision\n")
+    assert [p.name for p in out.iterdir()] == ["keep.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REAL_DATA / "cifar10.npz").exists(), reason="real CIFAR-10 not present")
+def test_smoke_run_on_real_cifar10(tmp_path):
+    args = small_network.parse_args(["--smoke", "--data-root", str(REAL_DATA), "--out", str(tmp_path),
+                                     "--activations", "relu", "--scales", "1.0", "--trials", "1",
+                                     "--no-progress"])
+    small_network.main(args)
+    (run,) = common.load_saved(tmp_path, small_network.run_configs(args), small_network.RUN_KEYS)
+    steps, loss = common.metric_series(run, "loss")
+    assert loss[-1] < loss[0]  # gradient descent makes progress on the first 200 images
