@@ -18,7 +18,7 @@ GPU cost: not measured (no GPU was lent); the run time of a cell is dominated by
 iterations to reach the target loss, which grows as lr x (1 / batch size) shrinks.
 Smoke run (synthetic data, seconds): python batch_lr.py --smoke --datasets synthetic-cifar10
 
-Writes, under --out (default results/batch_lr):
+Writes, under --out (default results/batch_lr; results/batch_lr_smoke with --smoke):
     <model=..._dataset=..._lr=..._batch_size=..._trial=...-hash>/{config,metrics,result}.json
     plots/fig12..15_<model>_<dataset>_vs_lr.{png,pdf}      metric vs lr, line style per batch
     plots/fig16..19_<model>_<dataset>_vs_batch.{png,pdf}   metric vs batch, line style per lr
@@ -79,11 +79,10 @@ def parse_args(argv=None):
                         help="training examples (random subset, seed 0; default all)")
     parser.add_argument("--test-size", type=int, default=None, help="test examples (default all)")
     common.add_grid_flags(parser, measure_size=2000)
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.models, args.lrs, args.batch_sizes, args.trials = ["vgg11"], [0.1, 0.01], [16, 32], 1
-        args.train_size, args.test_size, args.measure_size, args.width = 128, 128, 32, 0.125
-        args.eval_every, args.window, args.max_iterations, args.eig_tol = 4, 2, 12, 1e-2
+    smoke = dict(out="results/batch_lr_smoke", models=["vgg11"], lrs=[0.1, 0.01], batch_sizes=[16, 32],
+                 trials=1, train_size=128, test_size=128, measure_size=32, width=0.125, eval_every=4,
+                 window=2, max_iterations=12, eig_tol=1e-2)
+    args = common.parse_with_smoke(parser, argv, smoke)
     validate(args)
     return args
 
@@ -289,7 +288,7 @@ def main(args):
             train(config, args, data[key], device)
         if args.grid_index is not None:
             return  # an array task: plotting is for --plot-only once the array is done
-    runs = common.load_finished(args.out, cells, RUN_KEYS)
+    runs = common.load_saved(args.out, cells, RUN_KEYS)
     if not runs:
         common.fail(f"no finished cells for these settings under {args.out}: run without --plot-only first")
     print(f"{len(runs)} of {len(cells)} cells finished")

@@ -1511,7 +1511,7 @@ def progress(iterable=None, *, disable=False, **kwargs):
 #
 # A sweep is a list of cells, each a full resolved config (trial included). `--list-grid` prints
 # it, `--grid-index i` runs cell i alone (one Slurm array task), `--plot-only` loads every cell
-# that has finished. A cell's run directory is named by its config (see run_name), so array
+# that has finished (load_saved). A cell's run directory is named by its config (see run_name), so array
 # tasks never collide and a rerun skips finished cells.
 
 
@@ -1571,17 +1571,6 @@ def print_grid(cells, keys):
 def selected_cells(args, cells):
     """The cells this invocation trains: cell --grid-index alone, or all of them."""
     return cells if args.grid_index is None else [cells[args.grid_index]]
-
-
-def load_finished(out, cells, keys):
-    """Loaded runs (see load_run) of the cells that have finished or diverged, in grid order;
-    cells not yet run or still running are left out."""
-    runs = []
-    for cell in cells:
-        run = Run(out, cell, keys)
-        if run.done:
-            runs.append(run.load())
-    return runs
 
 
 def kendall_tau(x, y):

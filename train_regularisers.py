@@ -21,7 +21,8 @@ sweep points, the baseline shared by four sweeps counted once) x 2 initial learn
 trials = 1680 cells of 90 epochs each (SAM cells cost about twice as much).
 Smoke run (synthetic data, seconds): python train_regularisers.py --smoke --datasets synthetic-cifar10
 
-Writes, under --out (default results/train_regularisers):
+Writes, under --out (default results/train_regularisers; results/train_regularisers_smoke
+with --smoke):
     <dataset=..._model=..._batch_norm=..._lr=..._<regularisers>_trial=...-hash>/{config,metrics,result}.json
     plots/fig20..27_<dataset>_<model>_<bn|no-bn>.{png,pdf}  a row per sweep, a column per metric,
         line style per initial learning rate. Figure 2 is the weight-decay row, Figure 5 the
@@ -92,13 +93,12 @@ def parse_args(argv=None):
                         help="training examples (random subset, seed 0; default all)")
     parser.add_argument("--test-size", type=int, default=None, help="test examples (default all)")
     common.add_grid_flags(parser, measure_size=1000)
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.models, args.batch_norm, args.lrs, args.trials = ["vgg11"], ["with"], [0.05], 1
-        args.weight_decays, args.smoothings, args.mixup_betas = [0.0, 5e-4], [0.0, 0.2], [0.0, 1.0]
-        args.augment_ps, args.sam_rhos, args.epochs, args.milestones = [0.0, 1.0], [0.0, 0.05], 2, [1]
-        args.train_size, args.test_size, args.batch_size, args.width = 64, 64, 32, 0.125
-        args.measure_size, args.eig_tol = 16, 3e-2
+    smoke = dict(out="results/train_regularisers_smoke", models=["vgg11"], batch_norm=["with"],
+                 lrs=[0.05], trials=1, weight_decays=[0.0, 5e-4], smoothings=[0.0, 0.2],
+                 mixup_betas=[0.0, 1.0], augment_ps=[0.0, 1.0], sam_rhos=[0.0, 0.05], epochs=2,
+                 milestones=[1], train_size=64, test_size=64, batch_size=32, width=0.125,
+                 measure_size=16, eig_tol=3e-2)
+    args = common.parse_with_smoke(parser, argv, smoke)
     validate(args)
     return args
 
@@ -251,7 +251,7 @@ def plot(args, out):
     paths, correlations = [], {}
     groups = {}
     for (dataset, model, bn, sweep), cells in sweeps(args).items():
-        runs = common.load_finished(out, cells, RUN_KEYS)
+        runs = common.load_saved(out, cells, RUN_KEYS)
         if runs:
             groups.setdefault((dataset, model, bn), []).append((sweep, runs))
     for (dataset, model, bn), rows in groups.items():
@@ -297,7 +297,7 @@ def main(args):
             train(config, args, data[config["dataset"]], device)
         if args.grid_index is not None:
             return  # an array task: plotting is for --plot-only once the array is done
-    runs = common.load_finished(args.out, cells, RUN_KEYS)
+    runs = common.load_saved(args.out, cells, RUN_KEYS)
     if not runs:
         common.fail(f"no finished cells for these settings under {args.out}: run without --plot-only first")
     print(f"{len(runs)} of {len(cells)} cells finished")

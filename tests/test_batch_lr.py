@@ -136,3 +136,8 @@ def test_slurm_template_runs_the_array_task_cell(tmp_path):
     missing = subprocess.run(["bash", "slurm/batch_lr.sbatch"], capture_output=True, text=True,
                              env={k: v for k, v in env.items() if k != "SLURM_ARRAY_TASK_ID"})
     assert missing.returncode != 0 and "array job" in missing.stderr
+
+
+def test_smoke_settings_are_defaults_that_explicit_flags_override():
+    args = batch_lr.parse_args(["--smoke", "--datasets", "synthetic-cifar10", "--trials", "2"])
+    assert args.trials == 2 and args.max_iterations == 12 and args.out == "results/batch_lr_smoke"

@@ -143,3 +143,8 @@ def test_slurm_template_passes_the_array_task_index(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 2  # index 5000 is outside the 1680-cell grid: one-line error
     assert "--grid-index must lie in [0, 1679]" in done.stderr
+
+
+def test_smoke_settings_are_defaults_that_explicit_flags_override():
+    args = tr.parse_args(["--smoke", "--datasets", "synthetic-cifar10", "--epochs", "3"])
+    assert args.epochs == 3 and args.width == 0.125 and args.out == "results/train_regularisers_smoke"
