@@ -81,7 +81,7 @@ def parse_args(argv=None):
     common.add_grid_flags(parser, measure_size=2000)
     smoke = dict(out="results/batch_lr_smoke", models=["vgg11"], lrs=[0.1, 0.01], batch_sizes=[16, 32],
                  trials=1, train_size=128, test_size=128, measure_size=32, width=0.125, eval_every=4,
-                 window=2, max_iterations=12, eig_tol=1e-2)
+                 window=2, max_iterations=12, eig_tol=1e-2, eig_max_iter=20)
     args = common.parse_with_smoke(parser, argv, smoke)
     validate(args)
     return args
@@ -89,7 +89,7 @@ def parse_args(argv=None):
 
 def validate(args):
     common.check_positive(args, "lrs", "batch_sizes", "eval_every", "window", "max_iterations",
-                          "width", "measure_size", "eig_tol", "checkpoint_every")
+                          "width", "measure_size", "eig_tol", "eig_max_iter", "checkpoint_every")
     common.check(args.weight_decay >= 0, f"--weight-decay must be non-negative, got {args.weight_decay}")
     common.check(0 <= args.momentum < 1, f"--momentum must lie in [0, 1), got {args.momentum}")
     common.check(args.target_loss is None or args.target_loss > 0,
@@ -119,7 +119,8 @@ def grid_cells(args):
                  momentum=args.momentum, eval_every=args.eval_every, window=args.window,
                  target_loss=target_loss(args, cell["dataset"]), max_iterations=args.max_iterations,
                  width=args.width, train_size=args.train_size, test_size=args.test_size,
-                 measure_size=args.measure_size, eig_tol=args.eig_tol, standardise="channel")
+                 measure_size=args.measure_size, eig_tol=args.eig_tol,
+                 eig_max_iter=args.eig_max_iter, standardise="channel")
             for cell in common.grid(model=args.models, dataset=args.datasets, lr=args.lrs,
                                     batch_size=args.batch_sizes, trial=list(range(args.trials)))]
 
@@ -217,7 +218,8 @@ def train(config, args, data, device):
     seconds = time.monotonic() - started
     summary = common.final_metrics(model, loss_fn, data, config["seed"],
                                    measure_size=config["measure_size"],
-                                   ghost_batch=config["batch_size"], eig_tol=config["eig_tol"])
+                                   ghost_batch=config["batch_size"], eig_tol=config["eig_tol"],
+                                   eig_max_iter=config["eig_max_iter"])
     run.finish("finished", iterations=step, reached_target=reached, train_seconds=seconds,
                measure_seconds=time.monotonic() - started - seconds, **summary)
     return run.load()

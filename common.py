@@ -1188,7 +1188,7 @@ def sam_step(model, optimizer, loss_fn, x, y, rho=0.0):
 
 
 def final_metrics(model, loss_fn, data, seed, *, measure_size, ghost_batch, eig_tol=1e-4,
-                  gauss_newton=False, chunk_size=1000):
+                  eig_max_iter=100, gauss_newton=False, chunk_size=1000):
     """End-of-training measurements of a sweep cell, on clean data, without weight decay.
 
     train_loss / test_loss / *_accuracy: eval mode over the whole splits; gap = |test - train|
@@ -1208,9 +1208,10 @@ def final_metrics(model, loss_fn, data, seed, *, measure_size, ghost_batch, eig_
                train_accuracy=train_accuracy, test_accuracy=test_accuracy)
     if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
         return out
-    out["sharpness"] = sharpness(model, loss_fn, batches, tol=eig_tol)
+    out["sharpness"] = sharpness(model, loss_fn, batches, tol=eig_tol, max_iter=eig_max_iter)
     if gauss_newton:
-        out["gauss_newton"] = gauss_newton_norm(model, loss_fn, batches, tol=eig_tol)
+        out["gauss_newton"] = gauss_newton_norm(model, loss_fn, batches, tol=eig_tol,
+                                                max_iter=eig_max_iter)
     out["jacobian"] = jacobian_norm(model, x, softmax=True)
     return out
 
@@ -1551,6 +1552,8 @@ def add_grid_flags(parser, measure_size):
                         "and Jacobian norm")
     g.add_argument("--eig-tol", type=float, default=1e-4,
                    help="relative error target of the top-eigenvalue estimates")
+    g.add_argument("--eig-max-iter", type=int, default=100,
+                   help="most Lanczos steps per top-eigenvalue estimate")
     return parser
 
 

@@ -97,7 +97,7 @@ def parse_args(argv=None):
                  lrs=[0.05], trials=1, weight_decays=[0.0, 5e-4], smoothings=[0.0, 0.2],
                  mixup_betas=[0.0, 1.0], augment_ps=[0.0, 1.0], sam_rhos=[0.0, 0.05], epochs=2,
                  milestones=[1], train_size=64, test_size=64, batch_size=32, width=0.125,
-                 measure_size=16, eig_tol=3e-2)
+                 measure_size=16, eig_tol=3e-2, eig_max_iter=20)
     args = common.parse_with_smoke(parser, argv, smoke)
     validate(args)
     return args
@@ -105,7 +105,7 @@ def parse_args(argv=None):
 
 def validate(args):
     common.check_positive(args, "lrs", "epochs", "batch_size", "width", "measure_size", "eig_tol",
-                          "checkpoint_every")
+                          "eig_max_iter", "checkpoint_every")
     for name in ("weight_decay", "weight_decays", "mixup_betas", "sam_rhos"):
         values = getattr(args, name)
         values = values if isinstance(values, list) else [values]
@@ -140,6 +140,7 @@ def sweep_cells(args, sweep, dataset, model, batch_norm):
                  epochs=args.epochs, milestones=list(args.milestones), batch_size=args.batch_size,
                  momentum=args.momentum, width=args.width, train_size=args.train_size,
                  test_size=args.test_size, measure_size=args.measure_size, eig_tol=args.eig_tol,
+                 eig_max_iter=args.eig_max_iter,
                  standardise="channel")
             for cell in common.grid(value=getattr(args, SWEPT_VALUES[sweep]), lr=args.lrs,
                                     trial=list(range(args.trials)))]
@@ -235,6 +236,7 @@ def train(config, args, data, device):
     summary = common.final_metrics(model, loss_fn, data, config["seed"],
                                    measure_size=config["measure_size"],
                                    ghost_batch=config["batch_size"], eig_tol=config["eig_tol"],
+                                   eig_max_iter=config["eig_max_iter"],
                                    gauss_newton=True)
     status = "finished" if math.isfinite(summary["train_loss"]) else "diverged"
     run.finish(status, train_seconds=seconds, measure_seconds=time.monotonic() - started - seconds,
