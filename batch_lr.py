@@ -80,8 +80,8 @@ def parse_args(argv=None):
     parser.add_argument("--test-size", type=int, default=None, help="test examples (default all)")
     common.add_grid_flags(parser, measure_size=2000)
     smoke = dict(out="results/batch_lr_smoke", models=["vgg11"], lrs=[0.1, 0.01], batch_sizes=[16, 32],
-                 trials=1, train_size=128, test_size=128, measure_size=32, width=0.125, eval_every=4,
-                 window=2, max_iterations=12, eig_tol=1e-2, eig_max_iter=20)
+                 trials=1, train_size=64, test_size=64, measure_size=16, width=0.125, eval_every=4,
+                 window=2, max_iterations=8, eig_tol=3e-2, eig_max_iter=20)
     args = common.parse_with_smoke(parser, argv, smoke)
     validate(args)
     return args
