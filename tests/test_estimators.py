@@ -434,3 +434,36 @@ def test_lanczos_past_its_initial_basis_allocation():
                                spectrum[:3], rtol=1e-12, atol=0)
     torch.testing.assert_close(res.eigenvectors.T @ res.eigenvectors,
                                torch.eye(3, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+class RecordsTF32(nn.Module):
+    """A tiny model that records, at every forward, whether TF32 was allowed."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return self.net(x)
+
+
+def test_estimators_turn_tf32_off_and_restore_it():
+    """cuDNN's default TF32 puts ~1e-3 errors into float32 products on GPUs: estimators
+    switch it off while they run and put the user's settings back."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    model, batches = RecordsTF32(), class_batches([6, 3], (5,))
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        sharpness(model, F.cross_entropy, batches, reuse_graph=False, tol=1e-2)
+        gauss_newton_norm(model, F.cross_entropy, batches, tol=1e-2)
+        jacobian_norm(model, batches[0][0])
+        hv, dim = hessian_operator(model, F.cross_entropy, batches, reuse_graph=False)
+        hv(torch.ones(dim, dtype=torch.float64))
+        assert model.seen and all(flags == (False, False) for flags in model.seen)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (
+            True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
