@@ -17,8 +17,13 @@ One Slurm task per (model, lr, trial), e.g. array index i -> trial i % 5:
     python fullbatch.py --models vgg11 --lrs 0.08 --trial-index $T
     (the task runs smoothing 0 first, then 0.5 and 0.75 for its iteration count); afterwards
     python fullbatch.py --plot-only
-Cost: not measured on a GPU (no GPU was available to this work; no projection is given). The
-reduced-scale Figure 1 in plots/fullbatch (VGG11 width 1/8, 500 images, 3 trials, 9 runs of
+GPU cost (measured on one H100, torch 2.11, fp32; benchmarks/gpu/paper_scale.json): one
+full-batch step over 50 000 images in 10 ghost batches takes 0.68 s (VGG11) / 2.38 s (ResNet18);
+one measurement (sharpness to 1e-3 + Jacobian norm on 2500 images) 2.6 s / 8.5 s, timed with
+TF32 on (the estimators now turn it off: about 1.3x that); peak memory 14 / 35 GiB. A run of T iterations measured every k costs T * (step + measurement / k). The
+iteration counts to 99% accuracy were not measured; if they are 2000 / 4000 / 8000 at lr 0.08 /
+0.04 / 0.02 (an assumption), the 90 runs take about 53 H100-hours (VGG11) + 182 (ResNet18).
+The reduced-scale Figure 1 in plots/fullbatch (VGG11 width 1/8, 500 images, 3 trials, 9 runs of
 about 100 iterations) took 11 minutes on 2 shared CPU cores; command in plots/README.md.
 Smoke run (synthetic data, seconds): python fullbatch.py --smoke
 

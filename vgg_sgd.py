@@ -12,10 +12,13 @@ Paper's run (real CIFAR-10 at <data-root>/cifar10.npz):
     python vgg_sgd.py --data-root /path/to/data
 One Slurm task per smoothing: python vgg_sgd.py --smoothings 0.5; then --plot-only.
 Figure 28 alone: python vgg_sgd.py --epochs 1
-Cost: not measured on a GPU (no GPU was available to this work; no projection is given). The
-reduced-scale Figure 28 in plots/vgg_sgd (VGG11 width 1/8, one epoch of all 50000 images,
-measurements every 20 iterations on 250 images) took 4-5 minutes per trial on 2 shared CPU cores;
-command in plots/README.md.
+GPU cost (measured on one H100, torch 2.11, fp32; benchmarks/gpu/paper_scale.json): an SGD
+epoch of VGG11 at batch 128 takes 2.5 s and one measurement (sharpness + Jacobian norm on 2500
+images) about 2.6 s, so one smoothing's 90 epochs with 78 + 89 measurements take about 12
+minutes: the default run (3 smoothings, 1 trial) about 0.6 H100-hours. The reduced-scale
+Figure 28 in plots/vgg_sgd (VGG11 width 1/8, one epoch of all 50000 images, measurements every
+20 iterations on 250 images) took 4-5 minutes per trial on 2 shared CPU cores; command in
+plots/README.md.
 Smoke run (synthetic data, seconds): python vgg_sgd.py --smoke
 
 Writes, under --out (default results/vgg_sgd):
