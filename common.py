@@ -1499,6 +1499,18 @@ def load_saved(out, configs, keys):
     return [run.load() for run in runs if run.done]
 
 
+def saved_runs_or_fail(out, configs, keys):
+    """The saved runs of these configs (see load_saved); exits 2 with one line if there are
+    none, and prints which of them diverged. What every script plots from."""
+    runs = load_saved(out, configs, keys)
+    if not runs:
+        fail(f"no saved results for these settings under {out}: run without --plot-only first")
+    diverged = [run_name(r["config"], keys) for r in runs if r["result"]["status"] == "diverged"]
+    if diverged:
+        print(f"diverged (non-finite loss): {', '.join(diverged)}")
+    return runs
+
+
 def metric_series(run, name):
     """(steps, values) numpy arrays of one metric of a loaded run, NaN where it was not finite."""
     rows = [m for m in run["metrics"] if name in m]
@@ -1612,6 +1624,21 @@ def progress(iterable=None, *, disable=False, **kwargs):
 # it, `--grid-index i` runs cell i alone (one Slurm array task), `--plot-only` loads every cell
 # that has finished (load_saved). A cell's run directory is named by its config (see run_name), so array
 # tasks never collide and a rerun skips finished cells.
+
+
+def load_cell_data(config, args, device):
+    """A sweep cell's data set on the device, standardised per channel (whole-training-split
+    statistics); a train_size / test_size subset is drawn with seed 0, the same for every cell."""
+    return load_data(config["dataset"], args.data_root, device=device, standardise="channel",
+                     train_size=config["train_size"], train_seed=0,
+                     test_size=config["test_size"], test_seed=0, download=args.download)
+
+
+def build_cell_model(config, num_classes, device):
+    """A sweep cell's model, initialised from the cell's seed (BN unless config says otherwise)."""
+    torch.manual_seed(config["seed"])
+    return build_model(config["model"], num_classes=num_classes,
+                       batch_norm=config.get("batch_norm", True), width=config["width"]).to(device)
 
 
 def grid(**axes):

@@ -338,9 +338,7 @@ def main(args):
                 train(config, args, device)
         finally:
             torch.set_num_threads(threads)
-    runs = common.load_saved(args.out, configs, RUN_KEYS)
-    if not runs:
-        common.fail(f"no saved results for these settings under {args.out}: run without --plot-only first")
+    runs = common.saved_runs_or_fail(args.out, configs, RUN_KEYS)
     paths = plot_fits(runs, f"{args.out}/plots/fig32_fits")
     paths += write_tables(args, runs, f"{args.out}/plots/tables")
     for path in paths:

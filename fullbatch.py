@@ -271,18 +271,12 @@ def check_unsmoothed_saved(args):
                                f"under {args.out}: include 0 in --smoothings to train it first")
 
 
-def saved_runs(args):
-    """Every saved run of the requested settings (all trials, for plotting)."""
-    runs = []
-    for model in args.models:
-        for lr in args.lrs:
-            for trial in range(args.trials):
-                for config in cell_configs(args, model, lr, trial):
-                    if config["smoothing"] in args.smoothings:
-                        run = common.Run(args.out, config, RUN_KEYS)
-                        if run.done:
-                            runs.append(run.load())
-    return runs
+def requested_configs(args):
+    """The configs of every requested setting (all trials; smoothed ones once their unsmoothed
+    run is saved), for plotting."""
+    return [config for model in args.models for lr in args.lrs for trial in range(args.trials)
+            for config in cell_configs(args, model, lr, trial)
+            if config["smoothing"] in args.smoothings]
 
 
 # ----------------------------------------------------------------------------- plotting
@@ -326,16 +320,11 @@ def main(args):
             if pending:  # the smoothed configs appear once the unsmoothed run is saved
                 data = data or load_inputs(args, device)
                 run_cell(args, data, device, model, lr, trial)
-    runs = saved_runs(args)
-    if not runs:
-        common.fail(f"no saved results for these settings under {args.out}: run without --plot-only first")
+    runs = common.saved_runs_or_fail(args.out, requested_configs(args), RUN_KEYS)
     unreached = [common.run_name(r["config"], RUN_KEYS) for r in runs
                  if r["result"].get("reached_target") is False]
     if unreached:
         print(f"target accuracy not reached within --max-iterations: {', '.join(unreached)}")
-    diverged = [common.run_name(r["config"], RUN_KEYS) for r in runs if r["result"]["status"] == "diverged"]
-    if diverged:
-        print(f"diverged (non-finite loss): {', '.join(diverged)}")
     for path in plot(args, runs):
         print(f"wrote {path}")
 

@@ -160,24 +160,8 @@ def grid_cells(args):
     return common.unique_configs([c for cells in sweeps(args).values() for c in cells])
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def load(config, args, device):
-    """The cell's data set on the device, standardised per channel (whole-training-split stats);
-    a --train-size subset is drawn with seed 0, the same for every cell."""
-    return common.load_data(config["dataset"], args.data_root, device=device, standardise="channel",
-                            train_size=config["train_size"], train_seed=0,
-                            test_size=config["test_size"], test_seed=0, download=args.download)
-
-
-# ----------------------------------------------------------------------------- model
-
-
-def make_model(config, num_classes, device):
-    torch.manual_seed(config["seed"])
-    return common.build_model(config["model"], num_classes=num_classes,
-                              batch_norm=config["batch_norm"], width=config["width"]).to(device)
+# ----------------------------------------------------------------------------- data, model
+# common.load_cell_data and common.build_cell_model, shared by the two sweep scripts.
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -203,7 +187,7 @@ def train(config, args, data, device):
     run = common.Run(args.out, config, RUN_KEYS, checkpoint_seconds=args.checkpoint_every)
     if run.done:
         return run.load()
-    model = make_model(config, data.num_classes, device)
+    model = common.build_cell_model(config, data.num_classes, device)
     optimizer = common.sgd(model, config["lr"], config["momentum"], config["weight_decay"])
     loss_fn = common.cross_entropy(config["smoothing"])
     generator = torch.Generator().manual_seed(config["seed"])
@@ -298,17 +282,12 @@ def main(args):
         data = {}
         for config in pending:
             if config["dataset"] not in data:
-                data = {config["dataset"]: load(config, args, device)}  # one data set at a time
+                data = {config["dataset"]: common.load_cell_data(config, args, device)}  # one data set at a time
             train(config, args, data[config["dataset"]], device)
         if args.grid_index is not None:
             return  # an array task: plotting is for --plot-only once the array is done
-    runs = common.load_saved(args.out, cells, RUN_KEYS)
-    if not runs:
-        common.fail(f"no finished cells for these settings under {args.out}: run without --plot-only first")
+    runs = common.saved_runs_or_fail(args.out, cells, RUN_KEYS)
     print(f"{len(runs)} of {len(cells)} cells finished")
-    diverged = [common.run_name(r["config"], RUN_KEYS) for r in runs if r["result"]["status"] == "diverged"]
-    if diverged:
-        print(f"diverged (non-finite loss): {', '.join(diverged)}")
     paths, correlations = plot(args, args.out)
     for name, c in correlations.items():
         print(f"{name}: Kendall tau(gap, Jacobian) = {c['tau_gap_jacobian']:.3f}, "

@@ -284,13 +284,7 @@ def main(args):
         data = load_inputs(args, device)
         for config in pending:
             train(config, args, data, device)
-    runs = [common.load_run(common.Run(args.out, c, RUN_KEYS).dir) for c in configs
-            if common.Run(args.out, c, RUN_KEYS).done]
-    if not runs:
-        common.fail(f"no saved results for these settings under {args.out}: run without --plot-only first")
-    diverged = [common.run_name(r["config"], RUN_KEYS) for r in runs if r["result"]["status"] == "diverged"]
-    if diverged:
-        print(f"diverged (non-finite loss): {', '.join(diverged)}")
+    runs = common.saved_runs_or_fail(args.out, configs, RUN_KEYS)
     for path in plot(args, runs):
         print(f"wrote {path}")
 

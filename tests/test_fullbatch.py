@@ -1,6 +1,5 @@
 """fullbatch.py end to end on synthetic data: smoke run, the unsmoothed run's iteration count
 reused by the smoothed ones, resume of a killed run, bad arguments, --plot-only."""
-import json
 import os
 import signal
 import subprocess
