@@ -94,6 +94,28 @@ class _MeasureMode:
         return False
 
 
+class _NoTF32:
+    """Context manager: TensorFloat-32 off in cuDNN convolutions and CUDA matmuls, restored on
+    exit. PyTorch lets cuDNN use TF32 (10 mantissa bits) for float32 convolutions by default;
+    on an H100 that put errors of 9e-4 into the sharpness and 5e-3 into the Jacobian norm of a
+    float32 VGG11, against 1e-6 without it. Every estimator runs inside this context."""
+
+    def __enter__(self):
+        self.saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
+        return False
+
+    def __call__(self, fn):  # as a decorator
+        def wrapped(*args, **kwargs):
+            with _NoTF32():
+                return fn(*args, **kwargs)
+        return wrapped
+
+
 def _trainable_parameters(model):
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -170,10 +192,18 @@ def hessian_operator(model, loss_fn, batches, reuse_graph=True):
     Returns:
         (matvec, dim): matvec(v) = H v for a flat (dim,) vector v.
     """
+    matvec, dim, _ = _hessian_operator(model, loss_fn, batches, reuse_graph)
+    return matvec, dim
+
+
+def _hessian_operator(model, loss_fn, batches, reuse_graph):
+    """`hessian_operator`'s (matvec, dim) and the flat mean-loss gradient (P,), read off the
+    reused first-order graphs at no cost (None when reuse_graph=False)."""
     batches = _check_batches(batches, model)
     params = _trainable_parameters(model)
     total = sum(len(x) for x, _ in batches)
 
+    @_NoTF32()
     @torch.enable_grad()
     def batch_gradient(x, y):
         with _MeasureMode(model, "train"):
@@ -181,7 +211,13 @@ def hessian_operator(model, loss_fn, batches, reuse_graph=True):
         return torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
 
     graphs = [batch_gradient(x, y) for x, y in batches] if reuse_graph else None
+    gradient = None
+    if reuse_graph:
+        gradient = sum((len(x) / total) * _flatten([None if g is None else g.detach()
+                                                    for g in grads], params)
+                       for (x, _), grads in zip(batches, graphs))
 
+    @_NoTF32()
     @torch.enable_grad()
     def matvec(v):
         vs = _unflatten(v.to(params[0].dtype), params)
@@ -194,7 +230,7 @@ def hessian_operator(model, loss_fn, batches, reuse_graph=True):
             out += (len(x) / total) * _flatten(hv, params)
         return out
 
-    return matvec, sum(p.numel() for p in params)
+    return matvec, sum(p.numel() for p in params), gradient
 
 
 def _output_hessian_factor(loss_fn, outputs, targets):
@@ -226,12 +262,12 @@ def gauss_newton_operator(model, loss_fn, batches):
     total = sum(len(x) for x, _ in batches)
     pieces = []
     for x, y in batches:
-        with _MeasureMode(model, "train"), torch.enable_grad():
+        with _MeasureMode(model, "train"), torch.enable_grad(), _NoTF32():
             z = model(x)  # (n_b, C)
         dummy = torch.zeros_like(z, requires_grad=True)
         # J^T dummy as a differentiable function of dummy: differentiating it w.r.t. dummy
         # along v gives J v without forward-mode AD.
-        with torch.enable_grad():
+        with torch.enable_grad(), _NoTF32():
             jt_dummy = torch.autograd.grad(z, params, dummy, create_graph=True,
                                            allow_unused=True)
         pieces.append((z, dummy, jt_dummy, _output_hessian_factor(loss_fn, z, y), len(x)))
@@ -247,19 +283,26 @@ def gauss_newton_operator(model, loss_fn, batches):
             out += (n / total) * _flatten(jthjv, params)
         return out
 
-    return torch.enable_grad()(matvec), sum(p.numel() for p in params)
+    return _NoTF32()(torch.enable_grad()(matvec)), sum(p.numel() for p in params)
 
 
-def _start_vectors(dim, k, generator, device, dtype):
+def _start_vectors(dim, k, generator, device, dtype, start=None):
     """(dim, k) orthonormal Gaussian start, drawn on the CPU in float64 so a seed gives the
-    same start on every device."""
+    same start on every device. A `start` direction is added, with equal weight, to the first
+    random vector: the mix keeps a random component (so no eigenvector is missed for want of
+    overlap) and the start's overlap with the wanted eigenvectors."""
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     q = torch.randn(dim, k, generator=generator, dtype=torch.float64)
+    if start is not None:
+        s = start.detach().reshape(-1).to("cpu", torch.float64)
+        norm = torch.linalg.vector_norm(s)
+        if torch.isfinite(norm) and norm > 0:
+            q[:, 0] = q[:, 0] / torch.linalg.vector_norm(q[:, 0]) + s / norm
     return torch.linalg.qr(q)[0].to(device=device, dtype=dtype)
 
 
-def _lanczos(matvec, dim, k, tol, max_iter, generator, device, dtype):
+def _lanczos(matvec, dim, k, tol, max_iter, generator, device, dtype, start=None):
     """Lanczos with full reorthogonalisation for the k largest (algebraic) eigenvalues.
 
     After m steps the Ritz pairs (theta_j, y_j) of the tridiagonal T_m estimate the top
@@ -269,8 +312,9 @@ def _lanczos(matvec, dim, k, tol, max_iter, generator, device, dtype):
     below tol * |theta_j| for every j <= k.
     """
     steps = min(max_iter, dim)
-    q = _start_vectors(dim, 1, generator, device, dtype)[:, 0]
-    basis = torch.empty(steps + 1, dim, device=device, dtype=dtype)  # (m+1, P)
+    q = _start_vectors(dim, 1, generator, device, dtype, start)[:, 0]
+    # the basis grows by doubling: memory follows the steps taken, not max_iter
+    basis = torch.empty(min(steps + 1, 16), dim, device=device, dtype=dtype)  # (rows, P)
     basis[0] = q
     alphas, betas = [], []
     converged, m = False, 0
@@ -291,6 +335,10 @@ def _lanczos(matvec, dim, k, tol, max_iter, generator, device, dtype):
             converged = len(theta) >= k
             break
         betas.append(beta)
+        if m == len(basis):
+            grown = torch.empty(min(2 * m, steps + 1), dim, device=device, dtype=dtype)
+            grown[:m] = basis
+            basis = grown
         basis[m] = w / beta
     k_found = min(k, len(theta))
     vectors = basis[:m].T @ s[:, :k_found].to(device=device, dtype=dtype)  # (P, k)
@@ -322,14 +370,14 @@ def _ritz_errors(theta, s, beta, k):
     return errors, residuals
 
 
-def _power(matvec, dim, k, tol, max_iter, generator, device, dtype):
+def _power(matvec, dim, k, tol, max_iter, generator, device, dtype, start=None):
     """Power (subspace) iteration with Rayleigh-Ritz for the k largest-magnitude eigenvalues.
 
     Kept for parity with the paper, which used the power method. Stops when every relative
     residual ||A v_j - theta_j v_j|| / |theta_j| <= tol, a bound on the relative eigenvalue
     error for symmetric operators (unlike a stop on the change between iterates).
     """
-    v = _start_vectors(dim, k, generator, device, dtype)  # (P, k)
+    v = _start_vectors(dim, k, generator, device, dtype, start)  # (P, k)
     matvecs, converged, it = 0, False, 0
     for it in range(1, max_iter + 1):
         av = torch.stack([matvec(v[:, j]) for j in range(k)], dim=1)  # (P, k)
@@ -356,7 +404,7 @@ _SOLVERS = {"lanczos": _lanczos, "power": _power}
 
 
 def top_eigenvalues(matvec, dim, k=1, method="lanczos", tol=1e-5, max_iter=100,
-                    generator=None, device=None, dtype=torch.float32):
+                    generator=None, device=None, dtype=torch.float32, start=None):
     """Top-k eigenvalues of a symmetric linear operator given only its products.
 
     Args:
@@ -370,6 +418,8 @@ def top_eigenvalues(matvec, dim, k=1, method="lanczos", tol=1e-5, max_iter=100,
         max_iter: most Lanczos steps / power iterations.
         generator: torch.Generator (CPU) for the start vector; default seed 0.
         device, dtype: of the vectors (those of the operator's inputs).
+        start: optional (dim,) direction mixed, with equal weight, into the random start
+            (e.g. a guess of the top eigenvector); None: a purely random start.
 
     Returns:
         EigenResult with eigenvalues descending and diagnostics.
@@ -378,21 +428,22 @@ def top_eigenvalues(matvec, dim, k=1, method="lanczos", tol=1e-5, max_iter=100,
     if dim < k:
         raise ValueError(f"k={k} exceeds the operator's dimension {dim}")
     device = torch.device("cpu") if device is None else torch.device(device)
-    return _SOLVERS[method](matvec, dim, k, tol, max_iter, generator, device, dtype)
+    return _SOLVERS[method](matvec, dim, k, tol, max_iter, generator, device, dtype, start)
 
 
-def _operator_eigenvalues(operator, model, k, method, tol, max_iter, generator, return_info):
+def _operator_eigenvalues(operator, model, k, method, tol, max_iter, generator, return_info,
+                          start=None):
     matvec, dim = operator
     ref = next(iter(model.parameters()))
     result = top_eigenvalues(matvec, dim, k, method, tol, max_iter, generator,
-                             ref.device, ref.dtype)
+                             ref.device, ref.dtype, start)
     if return_info:
         return result
     return result.eigenvalues[0] if k == 1 else result.eigenvalues
 
 
 def sharpness(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5, max_iter=100,
-              generator=None, reuse_graph=True, return_info=False):
+              generator=None, reuse_graph=True, gradient_start=True, return_info=False):
     """Sharpness: the largest eigenvalue of the loss Hessian w.r.t. the trainable parameters.
 
         lambda_max( d^2/dtheta^2 [ (1/N) sum_i loss(f(x_i; theta), y_i) ] )
@@ -413,15 +464,19 @@ def sharpness(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5, max_i
         max_iter: most products / iterations.
         generator: torch.Generator for the random start (default: seed 0).
         reuse_graph: see `hessian_operator`.
+        gradient_start: mix the loss gradient (free from the reused graph) into the random
+            start vector. The gradient lies largely in the top Hessian eigenspace (Gur-Ari et
+            al., 2018), so Lanczos needs fewer products; the random part keeps the start
+            generic. Ignored when reuse_graph=False.
         return_info: return the full `EigenResult` (eigenvalues, products, convergence).
 
     Returns:
         float (k == 1), list of floats (k > 1) or EigenResult (return_info=True).
     """
     _check_solver_options(k, tol, max_iter, method)
-    operator = hessian_operator(model, loss_fn, batches, reuse_graph=reuse_graph)
-    return _operator_eigenvalues(operator, model, k, method, tol, max_iter, generator,
-                                 return_info)
+    matvec, dim, gradient = _hessian_operator(model, loss_fn, batches, reuse_graph)
+    return _operator_eigenvalues((matvec, dim), model, k, method, tol, max_iter, generator,
+                                 return_info, gradient if gradient_start else None)
 
 
 def gauss_newton_norm(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5,
@@ -517,7 +572,7 @@ def jacobian_norm(model, x, softmax=True, *, batch_size=256, method="auto", tol=
         generator = torch.Generator().manual_seed(0)
     ref = next(iter(model.parameters()))
     norms = []
-    with _MeasureMode(model, "eval"), torch.enable_grad():
+    with _MeasureMode(model, "eval"), torch.enable_grad(), _NoTF32():
         for start in range(0, len(x), batch_size):
             xb = x[start:start + batch_size].to(ref.device, ref.dtype).requires_grad_(True)
             out = model(xb)  # (n, C)
@@ -1044,8 +1099,219 @@ def seed_everything(seed):
 
 # (progressive-sharpening additions go here)
 
+# Measurements shared by fullbatch.py (Appendix B.1) and vgg_sgd.py (Appendix C.1): both track
+# sharpness, the softmaxed model's Jacobian norm and the excess loss on a fixed subset of the
+# training set during training.
 
-# (regularisers: augmentation, mixup, SAM go here)
+def excess_loss(loss, smoothing, num_classes):
+    """Cross entropy minus the label entropy: 0 at a perfect fit for every smoothing, so losses
+    with different smoothings share one axis (the paper's Figure 1 and Section 5)."""
+    return loss - label_entropy(smoothing, num_classes)
+
+
+@torch.no_grad()
+def output_norm(model, x, chunk_size=None):
+    """Frobenius norm ||f(X)||_F of the (N, K) logits over the inputs x, in eval mode (BN running
+    statistics, as for the Jacobian norm); the model's mode is restored and nothing is written."""
+    total = 0.0
+    with _MeasureMode(model, "eval"):
+        for s in index_chunks(len(x), chunk_size):
+            total += model(x[s]).double().square().sum().item()
+    return math.sqrt(total)
+
+
+def sharpening_measurements(model, loss_fn, x, y, *, ghost_batch_size=None, tol=1e-3,
+                            max_iter=100, with_output_norm=False):
+    """What the progressive-sharpening figures plot, measured on a fixed subset (x, y).
+
+    sharpness: top Hessian eigenvalue of the mean loss over (x, y), BN in train mode with each
+        ghost batch of `ghost_batch_size` examples normalised by its own statistics (Lanczos,
+        relative error `tol`; `sharpness_matvecs` products were used).
+    jacobian: largest spectral norm over x of d softmax(f(x)) / dx, BN in eval mode.
+    output_norm (if asked): Frobenius norm of the (N, K) logits, eval mode.
+    Pure: parameters, buffers, `.grad` and training flags are left as they were.
+
+    Returns:
+        dict of floats.
+    """
+    batches = [(x[s], y[s]) for s in index_chunks(len(x), ghost_batch_size)]
+    info = sharpness(model, loss_fn, batches, tol=tol, max_iter=max_iter, return_info=True)
+    row = {"sharpness": info.eigenvalues[0], "sharpness_matvecs": info.matvecs,
+           "jacobian": jacobian_norm(model, x, softmax=True)}
+    if with_output_norm:
+        row["output_norm"] = output_norm(model, x, ghost_batch_size)
+    return row
+
+
+# --- regularisers: augmentation, mixup, SAM (train_regularisers.py, batch_lr.py) ---------------
+#
+# All randomness comes from an explicit CPU torch.Generator (so a checkpoint can save its state
+# and a resumed run draws the same numbers); the draws are small and moved to the data's device,
+# the images never leave it.
+import contextlib
+
+
+def shuffled_batches(n, batch_size, generator, drop_last=False):
+    """Index tensors of one epoch: a random permutation of range(n) cut into batches.
+
+    Args:
+        n: number of examples. batch_size: examples per batch (the last may be smaller unless
+            drop_last). generator: CPU torch.Generator driving the permutation.
+    Returns:
+        list of (b,) int64 CPU tensors.
+    """
+    order = torch.randperm(n, generator=generator)
+    batches = list(torch.split(order, batch_size))
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def augment(x, p, generator, pad=4):
+    """Standard CIFAR augmentation, each image independently with probability p.
+
+    An augmented image is zero-padded by `pad` pixels on every side, cropped back to its size at
+    a uniformly random offset, and flipped left-right with probability 1/2; the others are
+    returned unchanged (offset `pad`, no flip). Zero is the mean colour of standardised data.
+
+    Args:
+        x: (N, C, H, W) images on any device. p: probability in [0, 1].
+        generator: CPU torch.Generator (draws: N uniforms, N x 2 offsets, N flips, always, so
+            the stream does not depend on p).
+    Returns:
+        (N, C, H, W) tensor on x's device.
+    """
+    n, c, h, w = x.shape
+    apply = torch.rand(n, generator=generator) < p  # (N,)
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)  # (N, 2) top, left
+    flips = torch.rand(n, generator=generator) < 0.5  # (N,)
+    offsets[~apply] = pad
+    flips &= apply
+    padded = F.pad(x, (pad, pad, pad, pad))  # (N, C, H + 2 pad, W + 2 pad)
+    rows = (torch.arange(h)[None] + offsets[:, :1])  # (N, H)
+    cols = torch.arange(w)[None].expand(n, w)
+    cols = torch.where(flips[:, None], cols.flip(1), cols) + offsets[:, 1:]  # (N, W)
+    rows, cols = rows.to(x.device), cols.to(x.device)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def mixup(x, labels, beta, num_classes, generator):
+    """Mixup [Zhang et al. 2018] with one coefficient per example.
+
+    Example i becomes (1 - theta_i) (x_i, y_i) + theta_i (x_j, y_j), j = pi(i) for a random
+    permutation pi of the batch, theta_i ~ Beta(beta, beta); beta = 0 is the limit
+    Bernoulli(1/2) (each example replaced by itself or its partner, unmixed).
+
+    Args:
+        x: (N, ...) inputs. labels: (N,) class indices. beta: >= 0. num_classes: K.
+        generator: CPU torch.Generator (the Beta draws use numpy seeded from it).
+    Returns:
+        (mixed x (N, ...), soft targets (N, K) float) on x's device; the targets work with
+        `cross_entropy`, which accepts probability targets (and smooths them).
+    """
+    n = len(x)
+    partner = torch.randperm(n, generator=generator)
+    if beta == 0:
+        theta = (torch.rand(n, generator=generator) < 0.5).double()
+    else:
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+        theta = torch.from_numpy(np.random.default_rng(seed).beta(beta, beta, size=n))
+    theta = theta.to(x.device, x.dtype)  # (N,)
+    partner = partner.to(x.device)
+    onehot = F.one_hot(labels, num_classes).to(x.dtype)  # (N, K)
+    t = theta.view(-1, *[1] * (x.dim() - 1))
+    mixed = (1 - t) * x + t * x[partner]
+    targets = (1 - theta[:, None]) * onehot + theta[:, None] * onehot[partner]
+    return mixed, targets
+
+
+@contextlib.contextmanager
+def _frozen_bn_statistics(model):
+    """Context: BN layers normalise with batch statistics as usual but leave their running
+    statistics as they were (momentum 0 makes the update r <- (1 - 0) r + 0 * batch_stat)."""
+    bns = [m for m in model.modules() if isinstance(m, _BN_TYPES) and m.momentum is not None]
+    saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def sam_step(model, optimizer, loss_fn, x, y, rho=0.0):
+    """One minibatch step of sharpness-aware minimisation [Foret et al. 2021]; rho = 0 is SGD.
+
+        g = grad L_B(w),  e = rho g / ||g||,  update with grad L_B(w + e)
+
+    The optimizer (momentum, weight decay, learning rate) then steps from w with that gradient.
+    With rho = 0 there is a single forward/backward and the step is exactly the optimizer's
+    plain step. The perturbed pass leaves BN running statistics alone (they track w, not w + e).
+    The step is skipped when the loss is not finite.
+
+    Returns:
+        (loss at w, accuracy at w) as floats; accuracy is None for probability targets.
+    """
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    outputs = model(x)
+    loss = loss_fn(outputs, y)
+    loss.backward()
+    value = loss.item()
+    accuracy = None if y.is_floating_point() else (outputs.argmax(1) == y).float().mean().item()
+    if not math.isfinite(value):
+        return value, accuracy
+    if rho > 0:
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        scale = rho / norm.clamp_min(1e-12)
+        with torch.no_grad():
+            shifts = [p.grad * scale for p in params]
+            for p, e in zip(params, shifts):
+                p.add_(e)
+        optimizer.zero_grad(set_to_none=True)
+        with _frozen_bn_statistics(model):
+            loss_fn(model(x), y).backward()
+        with torch.no_grad():
+            for p, e in zip(params, shifts):
+                p.sub_(e)
+    optimizer.step()
+    return value, accuracy
+
+
+def final_metrics(model, loss_fn, data, seed, *, measure_size, ghost_batch, eig_tol=1e-4,
+                  eig_max_iter=100, gauss_newton=False, chunk_size=1000):
+    """End-of-training measurements of a sweep cell, on clean data, without weight decay.
+
+    train_loss / test_loss / *_accuracy: eval mode over the whole splits; gap = |test - train|
+    (the paper's generalisation gap). On `measure_size` training examples drawn with `seed`
+    (the model's seed): sharpness (and the Gauss-Newton norm if asked) of `loss_fn` with BN in
+    train mode over ghost batches of `ghost_batch`, and the softmax Jacobian norm in eval mode.
+
+    Returns:
+        dict of floats.
+    """
+    train_loss, train_accuracy = evaluate(model, loss_fn, data.x_train, data.y_train, chunk_size)
+    test_loss, test_accuracy = evaluate(model, loss_fn, data.x_test, data.y_test, chunk_size)
+    idx = subset_indices(len(data.x_train), measure_size, seed).to(data.x_train.device)
+    x, y = data.x_train[idx], data.y_train[idx]  # (M, C, H, W), (M,)
+    batches = [(x[s], y[s]) for s in index_chunks(len(x), ghost_batch)]
+    out = dict(train_loss=train_loss, test_loss=test_loss, gap=abs(test_loss - train_loss),
+               train_accuracy=train_accuracy, test_accuracy=test_accuracy)
+    if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
+        return out
+    out["sharpness"] = sharpness(model, loss_fn, batches, tol=eig_tol, max_iter=eig_max_iter)
+    if gauss_newton:
+        out["gauss_newton"] = gauss_newton_norm(model, loss_fn, batches, tol=eig_tol,
+                                                max_iter=eig_max_iter)
+    out["jacobian"] = jacobian_norm(model, x, softmax=True)
+    return out
 
 
 # =============================================================================
@@ -1233,6 +1499,18 @@ def load_saved(out, configs, keys):
     return [run.load() for run in runs if run.done]
 
 
+def saved_runs_or_fail(out, configs, keys):
+    """The saved runs of these configs (see load_saved); exits 2 with one line if there are
+    none, and prints which of them diverged. What every script plots from."""
+    runs = load_saved(out, configs, keys)
+    if not runs:
+        fail(f"no saved results for these settings under {out}: run without --plot-only first")
+    diverged = [run_name(r["config"], keys) for r in runs if r["result"]["status"] == "diverged"]
+    if diverged:
+        print(f"diverged (non-finite loss): {', '.join(diverged)}")
+    return runs
+
+
 def metric_series(run, name):
     """(steps, values) numpy arrays of one metric of a loaded run, NaN where it was not finite."""
     rows = [m for m in run["metrics"] if name in m]
@@ -1340,7 +1618,163 @@ def progress(iterable=None, *, disable=False, **kwargs):
                 mininterval=0.5 if interactive else 30.0, **kwargs)
 
 
-# (sweep grid helpers go here)
+# --- sweep grids (batch_lr.py, train_regularisers.py) ------------------------------------------
+#
+# A sweep is a list of cells, each a full resolved config (trial included). `--list-grid` prints
+# it, `--grid-index i` runs cell i alone (one Slurm array task), `--plot-only` loads every cell
+# that has finished (load_saved). A cell's run directory is named by its config (see run_name), so array
+# tasks never collide and a rerun skips finished cells.
+
+
+def load_cell_data(config, args, device):
+    """A sweep cell's data set on the device, standardised per channel (whole-training-split
+    statistics); a train_size / test_size subset is drawn with seed 0, the same for every cell."""
+    return load_data(config["dataset"], args.data_root, device=device, standardise="channel",
+                     train_size=config["train_size"], train_seed=0,
+                     test_size=config["test_size"], test_seed=0, download=args.download)
+
+
+def build_cell_model(config, num_classes, device):
+    """A sweep cell's model, initialised from the cell's seed (BN unless config says otherwise)."""
+    torch.manual_seed(config["seed"])
+    return build_model(config["model"], num_classes=num_classes,
+                       batch_norm=config.get("batch_norm", True), width=config["width"]).to(device)
+
+
+def grid(**axes):
+    """Cartesian product of the given lists, the last axis varying fastest.
+
+    grid(lr=[0.1, 0.01], trial=[0, 1]) -> [{"lr": 0.1, "trial": 0}, {"lr": 0.1, "trial": 1}, ...]
+    """
+    import itertools
+    names = list(axes)
+    return [dict(zip(names, values)) for values in itertools.product(*axes.values())]
+
+
+def unique_configs(configs):
+    """Configs with exact duplicates removed (first occurrence kept, order preserved)."""
+    seen, out = set(), []
+    for config in configs:
+        key = config_hash(config)
+        if key not in seen:
+            seen.add(key)
+            out.append(config)
+    return out
+
+
+def add_grid_flags(parser, measure_size):
+    """--list-grid, --grid-index, --checkpoint-every and the end-of-training measurement flags."""
+    g = parser.add_argument_group("grid")
+    g.add_argument("--list-grid", action="store_true",
+                   help="print the grid (index, run name) and exit; '# N cells' comes last")
+    g.add_argument("--grid-index", type=int, default=None,
+                   help="run only this cell of the grid (a Slurm array task id)")
+    g.add_argument("--checkpoint-every", type=float, default=300.0,
+                   help="seconds between checkpoints of a running cell")
+    g = parser.add_argument_group("measurements")
+    g.add_argument("--measure-size", type=int, default=measure_size,
+                   help="clean training examples (drawn with the model's seed) for sharpness "
+                        "and Jacobian norm")
+    g.add_argument("--eig-tol", type=float, default=1e-4,
+                   help="relative error target of the top-eigenvalue estimates")
+    g.add_argument("--eig-max-iter", type=int, default=100,
+                   help="most Lanczos steps per top-eigenvalue estimate")
+    return parser
+
+
+def check_grid_index(args, cells):
+    """fail() unless --grid-index is None or a valid index into cells."""
+    i = args.grid_index
+    check(i is None or 0 <= i < len(cells),
+          f"--grid-index must lie in [0, {len(cells) - 1}] (the grid has {len(cells)} cells), got {i}")
+
+
+def print_grid(cells, keys):
+    """Prints 'index<TAB>run name' per cell, then '# N cells'."""
+    for i, cell in enumerate(cells):
+        print(f"{i}\t{run_name(cell, keys)}")
+    print(f"# {len(cells)} cells")
+
+
+def selected_cells(args, cells):
+    """The cells this invocation trains: cell --grid-index alone, or all of them."""
+    return cells if args.grid_index is None else [cells[args.grid_index]]
+
+
+def kendall_tau(x, y):
+    """Kendall's tau-b rank correlation of paired samples, pairs with a non-finite value dropped.
+
+        tau_b = (C - D) / sqrt((n0 - n1) (n0 - n2)),  n0 = n (n - 1) / 2,
+
+    C / D: concordant / discordant pairs, n1 / n2: pairs tied in x / in y. NaN when fewer than
+    two pairs remain or either variable is constant. O(n^2) memory: fine for sweeps.
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    n = len(x)
+    if n < 2:
+        return math.nan
+    upper = np.triu_indices(n, 1)
+    dx = np.sign(x[:, None] - x[None, :])[upper]  # (n (n - 1) / 2,)
+    dy = np.sign(y[:, None] - y[None, :])[upper]
+    n0 = n * (n - 1) / 2
+    n1, n2 = np.sum(dx == 0), np.sum(dy == 0)
+    denominator = math.sqrt((n0 - n1) * (n0 - n2))
+    return float(np.sum(dx * dy) / denominator) if denominator > 0 else math.nan
+
+
+def sweep_correlations(runs, gap="gap", against=("jacobian", "sharpness")):
+    """{"n": cells used, "tau_gap_<m>": Kendall tau of gap against m} over the finished (not
+    diverged) runs, each cell (trial) one point."""
+    done = [r for r in runs if r["result"]["status"] == "finished"]
+
+    def values(metric):
+        return [math.nan if r["result"].get(metric) is None else r["result"][metric] for r in done]
+
+    return {"n": len(done), **{f"tau_{gap}_{m}": kendall_tau(values(gap), values(m)) for m in against}}
+
+
+def plot_sweep(ax, runs, x_key, style_key, metric, *, style_label=None, log_x=False, log_y=False):
+    """One panel: end-of-training `metric` against config[x_key], a line (mean +- std over
+    trials, markers at the measured points) per value of config[style_key]. Cells that diverged
+    are drawn as an 'x' at the top edge of the panel above their x, in their line's colour."""
+    from matplotlib.transforms import blended_transform_factory
+    top = blended_transform_factory(ax.transData, ax.transAxes)
+    for i, style in enumerate(sorted({r["config"][style_key] for r in runs})):
+        mine = [r for r in runs if r["config"][style_key] == style]
+        xs = sorted({r["config"][x_key] for r in mine})
+        stats = []
+        for xv in xs:
+            values = [r["result"].get(metric) for r in mine
+                      if r["config"][x_key] == xv and r["result"]["status"] == "finished"]
+            values = np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+            values = values[np.isfinite(values)]
+            if len(values):
+                stats.append((xv, values.mean(), values.std()))
+        color = f"C{i}"
+        if stats:
+            sx, mean, std = map(np.array, zip(*stats))
+            ax.plot(sx, mean, linestyle=LINESTYLES[i % len(LINESTYLES)], marker=".", color=color,
+                    label=f"{style_label or style_key} = {style:g}")
+            ax.fill_between(sx, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+        diverged = sorted({r["config"][x_key] for r in mine if r["result"]["status"] == "diverged"})
+        if diverged:
+            ax.plot(diverged, [0.97] * len(diverged), "x", color=color, transform=top,
+                    clip_on=False, label=f"diverged ({style_label or style_key} = {style:g})")
+    if log_x:  # ticks at the swept values, labelled plainly (64, 128, ... not 10^2)
+        from matplotlib.ticker import NullFormatter
+        ax.set_xscale("log")
+        values = sorted({r["config"][x_key] for r in runs})
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:  # few, compact ticks: weight decays like 0.0005 would otherwise collide
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
 
 
 # =============================================================================

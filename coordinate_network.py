@@ -13,8 +13,8 @@ smaller first-layer weight norm.
 Paper's run:
     python coordinate_network.py
 Cost: not timed on a GPU; 35 minutes on 2 shared CPU cores, most of it the two 100 000-epoch
-ReLU settings (plots/README.md). The 10 trials of a setting train together as one batched network
-(torch.func.stack_module_state + vmap over the same MLP the estimators then measure).
+ReLU settings (plots/README.md). The 10 trials of a setting train together as one batched
+network (torch.func.stack_module_state + vmap over the same MLP the estimators then measure).
 Smoke run (seconds): python coordinate_network.py --smoke
 
 Writes, under --out (default results/coordinate_network; ..._smoke with --smoke):
@@ -338,9 +338,7 @@ def main(args):
                 train(config, args, device)
         finally:
             torch.set_num_threads(threads)
-    runs = common.load_saved(args.out, configs, RUN_KEYS)
-    if not runs:
-        common.fail(f"no saved results for these settings under {args.out}: run without --plot-only first")
+    runs = common.saved_runs_or_fail(args.out, configs, RUN_KEYS)
     paths = plot_fits(runs, f"{args.out}/plots/fig32_fits")
     paths += write_tables(args, runs, f"{args.out}/plots/tables")
     for path in paths:

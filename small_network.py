@@ -10,8 +10,8 @@ accuracy. The paper's finding: smaller scales give more Jacobian growth but less
 Paper's run (real CIFAR-10 at <data-root>/cifar10.npz):
     python small_network.py --data-root ../shared/data
 Cost: not timed on a GPU; 69 minutes on 2 shared CPU cores with OMP_NUM_THREADS=1 (30 runs of
-about 2.3 minutes; plots/README.md). Smoke run (synthetic data, seconds): python small_network.py --smoke
---dataset synthetic-cifar10
+about 2.3 minutes; plots/README.md).
+Smoke run (synthetic data, seconds): python small_network.py --smoke --dataset synthetic-cifar10
 
 Writes, under --out (default results/small_network; results/small_network_smoke with --smoke):
     <activation=..._scale=..._trial=...-hash>/{config,metrics,result}.json   one per run
@@ -194,12 +194,7 @@ def main(args):
         data, measure_idx = load_inputs(args, device)
         for config in pending:
             train(config, args, data, measure_idx, device)
-    runs = common.load_saved(args.out, configs, RUN_KEYS)
-    if not runs:
-        common.fail(f"no saved results for these settings under {args.out}: run without --plot-only first")
-    diverged = [common.run_name(r["config"], RUN_KEYS) for r in runs if r["result"]["status"] == "diverged"]
-    if diverged:
-        print(f"diverged (non-finite loss): {', '.join(diverged)}")
+    runs = common.saved_runs_or_fail(args.out, configs, RUN_KEYS)
     for path in plot(args, runs):
         print(f"wrote {path}")
 

@@ -402,3 +402,68 @@ def test_bad_arguments_raise_value_error(call, match):
     model, batches = mlp(nn.Tanh), class_batches([6], (5,))
     with pytest.raises(ValueError, match=match):
         call(model, batches)
+
+
+def test_start_direction_saves_products_and_keeps_the_answer():
+    """A start direction near the top eigenvector (the gradient, for sharpness) is mixed into
+    the random start: fewer products, same eigenvalue; the random half keeps it generic."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))[0]
+    spectrum = torch.cat([torch.tensor([10.0, 9.5]), torch.linspace(-3, 9, 58)])
+    a = q @ torch.diag(spectrum.double()) @ q.T
+    runs = [top_eigenvalues(lambda v: a @ v, 60, tol=1e-8, max_iter=60, dtype=torch.float64,
+                            start=start) for start in (None, q[:, 0])]
+    assert all(abs(r.eigenvalues[0] - 10.0) < 1e-7 for r in runs)
+    assert runs[1].matvecs < runs[0].matvecs
+    model, batches = mlp(nn.Tanh), class_batches([8, 5], (5,))
+    exact = top_dense(dense_hessian(model, smooth_ce, batches)).item()
+    for gradient_start in (True, False):
+        assert rel(sharpness(model, smooth_ce, batches, gradient_start=gradient_start),
+                   exact) < 1e-4
+
+
+def test_lanczos_past_its_initial_basis_allocation():
+    """More steps than the first basis block (16 rows): the basis grows and stays exact."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))[0]
+    spectrum = torch.cat([torch.tensor([10.0, 9.0, 4.0]), torch.linspace(-3, 1, 57)]).double()
+    a = q @ torch.diag(spectrum) @ q.T
+    res = top_eigenvalues(lambda v: a @ v, 60, k=3, tol=1e-30, max_iter=40, dtype=torch.float64)
+    assert res.matvecs > 16
+    torch.testing.assert_close(torch.tensor(res.eigenvalues, dtype=torch.float64),
+                               spectrum[:3], rtol=1e-12, atol=0)
+    torch.testing.assert_close(res.eigenvectors.T @ res.eigenvectors,
+                               torch.eye(3, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+class RecordsTF32(nn.Module):
+    """A tiny model that records, at every forward, whether TF32 was allowed."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return self.net(x)
+
+
+def test_estimators_turn_tf32_off_and_restore_it():
+    """cuDNN's default TF32 puts ~1e-3 errors into float32 products on GPUs: estimators
+    switch it off while they run and put the user's settings back."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    model, batches = RecordsTF32(), class_batches([6, 3], (5,))
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        sharpness(model, F.cross_entropy, batches, reuse_graph=False, tol=1e-2)
+        gauss_newton_norm(model, F.cross_entropy, batches, tol=1e-2)
+        jacobian_norm(model, batches[0][0])
+        hv, dim = hessian_operator(model, F.cross_entropy, batches, reuse_graph=False)
+        hv(torch.ones(dim, dtype=torch.float64))
+        assert model.seen and all(flags == (False, False) for flags in model.seen)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (
+            True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -1,0 +1,333 @@
+"""Appendix B.1, Figures 1 and 6-11: progressive sharpening under full-batch gradient descent,
+with label smoothing 0, 0.5 and 0.75.
+
+VGG11 (`vgg11_bn` without dropout) and ResNet18 (CIFAR variant) are trained on CIFAR-10,
+standardised per component, by full-batch gradient descent approximated by 10 ghost batches of
+5000 (each ghost batch normalised by its own BN statistics), at learning rates 0.08, 0.04 and
+0.02. The unsmoothed run of each (model, lr, trial) trains until 99% training accuracy; its
+iteration count is then the length of the smoothed runs of that (model, lr, trial). Sharpness
+(BN in train mode, ghost batches) and the Jacobian norm of the softmaxed model (BN in eval mode)
+are measured on a fixed random subset of 2500 training images; the loss is reported as cross
+entropy minus the label entropy. 5 trials; mean +- std; line style per smoothing; 2/lr on the
+sharpness panel; log y on the Jacobian panel.
+
+Paper's run (all 6 figures; real CIFAR-10 at <data-root>/cifar10.npz):
+    python fullbatch.py --data-root /path/to/data
+One Slurm task per (model, lr, trial), e.g. array index i -> trial i % 5:
+    python fullbatch.py --models vgg11 --lrs 0.08 --trial-index $T
+    (the task runs smoothing 0 first, then 0.5 and 0.75 for its iteration count); afterwards
+    python fullbatch.py --plot-only
+GPU cost (measured on one H100, torch 2.11, fp32; benchmarks/gpu/paper_scale.json): one
+full-batch step over 50 000 images in 10 ghost batches takes 0.68 s (VGG11) / 2.38 s (ResNet18);
+one measurement (sharpness to 1e-3 + Jacobian norm on 2500 images) 2.6 s / 8.5 s, timed with
+TF32 on (the estimators now turn it off: about 1.3x that); peak memory 14 / 35 GiB. A run of T iterations measured every k costs T * (step + measurement / k). The
+iteration counts to 99% accuracy were not measured; if they are 2000 / 4000 / 8000 at lr 0.08 /
+0.04 / 0.02 (an assumption), the 90 runs take about 53 H100-hours (VGG11) + 182 (ResNet18).
+The reduced-scale Figure 1 in plots/fullbatch (VGG11 width 1/8, 500 images, 3 trials, 9 runs of
+about 100 iterations) took 11 minutes on 2 shared CPU cores; command in plots/README.md.
+Smoke run (synthetic data, seconds): python fullbatch.py --smoke
+
+Writes, under --out (default results/fullbatch):
+    <model=..._lr=..._smoothing=..._trial=...-hash>/{config,metrics,result}.json  one per run
+    plots/fig06_vgg11_lr0.08.{png,pdf} ... fig11_resnet18_lr0.02  (Figure 1 = Figure 6)
+
+Choices where the paper is silent (a careful reading, not the authors' code):
+- Iteration t's loss and accuracy are those of the parameters after t updates, measured (in
+  train mode, ghost batches) by the gradient pass of update t+1. The unsmoothed run stops at the
+  first t with accuracy >= 0.99 (or at --max-iterations, recorded as "target not reached"); that
+  t is the smoothed runs' length. Measurements at every --measure-every-th t and at the last t.
+- --measure-every 0 (default) means 5, 10 or 20 for lr >= 0.08, >= 0.04, below: runs with a
+  smaller lr need about proportionally more iterations, so every run gets a similar number of
+  measurements.
+- The measurement subset (2500 images) and the initial weights are drawn from the trial's seed
+  (--seed + trial), shared by every smoothing and lr of that trial; a --train-subset is drawn
+  from --seed and shared by every run.
+- Sharpness on the measurement subset is split into ghost batches of --ghost-batch-size (one
+  batch of 2500 at paper scale), by Lanczos to relative error --eig-tol.
+"""
+import math
+
+import torch
+
+import common
+
+PAPER_FIGURES = {("vgg11", 0.08): "fig06", ("vgg11", 0.04): "fig07", ("vgg11", 0.02): "fig08",
+                 ("resnet18", 0.08): "fig09", ("resnet18", 0.04): "fig10",
+                 ("resnet18", 0.02): "fig11"}
+METRIC_LABELS = {"loss": "cross entropy - label entropy", "sharpness": "sharpness",
+                 "jacobian": "Jacobian norm (softmax)"}
+RUN_KEYS = ("model", "lr", "smoothing", "trial")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv=None):
+    parser = common.make_parser(__doc__, trials=5, out="results/fullbatch")
+    parser.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS))
+    parser.add_argument("--models", nargs="+", default=["vgg11", "resnet18"],
+                        choices=list(common.MODELS))
+    parser.add_argument("--lrs", nargs="+", type=float, default=[0.08, 0.04, 0.02])
+    parser.add_argument("--smoothings", nargs="+", type=float, default=[0.0, 0.5, 0.75],
+                        help="label smoothings; the unsmoothed run (0) sets the others' length")
+    parser.add_argument("--trial-index", type=int, default=None,
+                        help="run only this trial (0 <= T < --trials), e.g. one Slurm task")
+    parser.add_argument("--width", type=float, default=1.0, help="channel-width multiplier")
+    parser.add_argument("--train-subset", type=int, default=None,
+                        help="train on N random training images (default: all 50000)")
+    parser.add_argument("--ghost-batch-size", type=int, default=5000,
+                        help="examples per ghost batch (BN statistics and gradient chunk)")
+    parser.add_argument("--target-accuracy", type=float, default=0.99,
+                        help="the unsmoothed run stops at this training accuracy")
+    parser.add_argument("--max-iterations", type=int, default=20000,
+                        help="the unsmoothed run stops here if the target is not reached")
+    parser.add_argument("--measure-every", type=int, default=0,
+                        help="iterations between measurements; 0: 5/10/20 by learning rate")
+    parser.add_argument("--measure-size", type=int, default=2500,
+                        help="training images (fixed random subset) for sharpness and Jacobian")
+    parser.add_argument("--eig-tol", type=float, default=1e-3,
+                        help="relative error of the sharpness estimate (Lanczos)")
+    parser.add_argument("--eig-max-iter", type=int, default=100, help="most Lanczos steps")
+    parser.add_argument("--checkpoint-seconds", type=float, default=300.0,
+                        help="least time between checkpoints (taken at measurements)")
+    # --smoke: tiny sizes on synthetic data, in their own folder; options given explicitly win
+    smoke = dict(out="results/fullbatch_smoke", dataset="synthetic-cifar10", models=["vgg11"],
+                 lrs=[0.08], trials=2, width=0.0625, train_subset=64, ghost_batch_size=32,
+                 measure_size=16, max_iterations=4, measure_every=2, eig_tol=1e-2,
+                 eig_max_iter=10)
+    args = common.parse_with_smoke(parser, argv, smoke)
+    common.check_positive(args, "lrs", "width", "ghost_batch_size", "max_iterations",
+                          "measure_size", "eig_tol", "eig_max_iter")
+    common.check_unit_interval(args, "smoothings", "target_accuracy")
+    common.check(args.measure_every >= 0, f"--measure-every must be non-negative, got {args.measure_every}")
+    common.check(args.checkpoint_seconds >= 0,
+                 f"--checkpoint-seconds must be non-negative, got {args.checkpoint_seconds}")
+    common.check(args.train_subset is None or 0 < args.train_subset <= 50000,
+                 f"--train-subset must lie in 1..50000, got {args.train_subset}")
+    common.check(args.measure_size <= (args.train_subset or 50000),
+                 f"--measure-size ({args.measure_size}) exceeds the training set ({args.train_subset or 50000})")
+    common.check(args.trial_index is None or 0 <= args.trial_index < args.trials,
+                 f"--trial-index must lie in 0..{args.trials - 1}, got {args.trial_index}")
+    common.check_common(args, dataset=args.dataset)
+    args.smoothings = sorted(set(args.smoothings))
+    return args
+
+
+def measure_every(args, lr):
+    """Iterations between measurements: --measure-every, or 5/10/20 by learning rate."""
+    if args.measure_every:
+        return args.measure_every
+    return 5 if lr >= 0.08 else 10 if lr >= 0.04 else 20
+
+
+def cells(args):
+    """(model, lr, trial) cells to run, in order."""
+    trials = [args.trial_index] if args.trial_index is not None else range(args.trials)
+    return [(m, lr, t) for m in args.models for lr in args.lrs for t in trials]
+
+
+def base_config(args, model, lr, trial):
+    return dict(dataset=args.dataset, model=model, lr=lr, trial=trial, seed=args.seed + trial,
+                data_seed=args.seed, width=args.width, train_subset=args.train_subset,
+                ghost_batch_size=args.ghost_batch_size, measure_every=measure_every(args, lr),
+                measure_size=args.measure_size, eig_tol=args.eig_tol,
+                eig_max_iter=args.eig_max_iter, standardise="component", batch_norm=True)
+
+
+def unsmoothed_config(args, model, lr, trial):
+    """The run that trains to the target accuracy; its iteration count is read from its result."""
+    return dict(base_config(args, model, lr, trial), smoothing=0.0,
+                target_accuracy=args.target_accuracy, max_iterations=args.max_iterations)
+
+
+def smoothed_config(args, model, lr, trial, smoothing, iterations):
+    """A smoothed run of a fixed length: the unsmoothed run's iteration count (in its hash, so a
+    different unsmoothed run gives a different directory)."""
+    return dict(base_config(args, model, lr, trial), smoothing=smoothing, iterations=iterations,
+                target_accuracy=args.target_accuracy, max_iterations=args.max_iterations)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_inputs(args, device):
+    """Training images standardised per component (statistics of all 50000), a --train-subset
+    of them drawn from --seed."""
+    return common.load_data(args.dataset, args.data_root, device=device, standardise="component",
+                            train_size=args.train_subset, train_seed=args.seed, test_size=0,
+                            download=args.download)
+
+
+def measurement_subset(data, config):
+    """The fixed random subset for sharpness and Jacobian, drawn from the trial's seed."""
+    idx = common.subset_indices(len(data.x_train), config["measure_size"], seed=config["seed"])
+    idx = idx.to(data.x_train.device)
+    return data.x_train[idx], data.y_train[idx]  # (M, 3, 32, 32), (M,)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def make_model(config, num_classes, device):
+    torch.manual_seed(config["seed"])  # same initial weights for every smoothing and lr of a trial
+    return common.build_model(config["model"], num_classes=num_classes, width=config["width"],
+                              batch_norm=config["batch_norm"]).to(device)
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def train(config, args, data, device):
+    """Trains one run (resuming from its checkpoint, or skipping it if saved); returns it loaded.
+
+    Per iteration t: the gradient pass at the current parameters gives loss and accuracy of t;
+    then, if t is the last iteration (fixed length, or the target accuracy reached) or a
+    measurement iteration, sharpness and Jacobian norm are measured at the same parameters;
+    then the update is applied unless t is the last.
+    """
+    run = common.Run(args.out, config, RUN_KEYS, checkpoint_seconds=args.checkpoint_seconds)
+    if run.done:
+        return run.load()
+    model = make_model(config, data.num_classes, device)
+    optimizer = common.sgd(model, config["lr"])
+    loss_fn = common.cross_entropy(config["smoothing"])
+    x_measure, y_measure = measurement_subset(data, config)
+    state = run.begin(device)
+    start = common.restore_training_state(state, model, optimizer) if state else 0
+    fixed = config.get("iterations")
+    last = fixed if fixed is not None else config["max_iterations"]
+    label = f"{config['model']} lr={config['lr']:g} s={config['smoothing']:g} trial={config['trial']}"
+    bar = common.progress(total=last + 1, initial=start, desc=label, disable=args.no_progress)
+    model.train()
+    for step in range(start, last + 1):
+        optimizer.zero_grad(set_to_none=True)
+        loss, accuracy = common.full_batch_gradient(model, loss_fn, data.x_train, data.y_train,
+                                                    config["ghost_batch_size"])
+        row = {"loss": common.excess_loss(loss, config["smoothing"], data.num_classes),
+               "accuracy": accuracy}
+        if not math.isfinite(loss):
+            run.log(step, **row)
+            run.finish("diverged", step=step)
+            return run.load()
+        reached = fixed is None and accuracy >= config["target_accuracy"]
+        final = reached or step == last
+        if final or step % config["measure_every"] == 0:
+            row.update(common.sharpening_measurements(
+                model, loss_fn, x_measure, y_measure, ghost_batch_size=config["ghost_batch_size"],
+                tol=config["eig_tol"], max_iter=config["eig_max_iter"]))
+        run.log(step, **row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3g}", acc=f"{accuracy:.3f}")
+        if final:
+            break
+        optimizer.step()
+        if "sharpness" in row:
+            run.checkpoint(lambda: common.training_state(step + 1, model, optimizer))
+    bar.close()
+    run.finish("finished", iterations=step, final_loss=row["loss"], final_accuracy=accuracy,
+               reached_target=(accuracy >= config["target_accuracy"]) if fixed is None else None)
+    return run.load()
+
+
+def iterations_of(unsmoothed):
+    """The smoothed runs' length: the unsmoothed run's final iteration (None if it diverged)."""
+    result = unsmoothed["result"] if unsmoothed else None
+    return result["iterations"] if result and result["status"] == "finished" else None
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def cell_configs(args, model, lr, trial):
+    """The configs of one cell known so far: the unsmoothed run and, once its iteration count is
+    saved, the smoothed runs."""
+    first = unsmoothed_config(args, model, lr, trial)
+    run = common.Run(args.out, first, RUN_KEYS)
+    iterations = iterations_of(run.load()) if run.done else None
+    smoothed = [smoothed_config(args, model, lr, trial, s, iterations)
+                for s in args.smoothings if s > 0] if iterations is not None else []
+    return [first] + smoothed
+
+
+def run_cell(args, data, device, model, lr, trial):
+    """The unsmoothed run first (it sets the length), then each smoothed run."""
+    first = unsmoothed_config(args, model, lr, trial)
+    iterations = iterations_of(train(first, args, data, device))
+    if iterations is None:
+        print(f"{model} lr={lr:g} trial={trial}: unsmoothed run diverged; smoothed runs skipped")
+        return
+    for s in args.smoothings:
+        if s > 0:
+            train(smoothed_config(args, model, lr, trial, s, iterations), args, data, device)
+
+
+def check_unsmoothed_saved(args):
+    """Without smoothing 0 in --smoothings, the smoothed runs need the saved unsmoothed result."""
+    if 0.0 in args.smoothings or args.plot_only:
+        return
+    for model, lr, trial in cells(args):
+        run = common.Run(args.out, unsmoothed_config(args, model, lr, trial), RUN_KEYS)
+        common.check(run.done, f"no saved unsmoothed run for {model} lr={lr:g} trial={trial} "
+                               f"under {args.out}: include 0 in --smoothings to train it first")
+
+
+def requested_configs(args):
+    """The configs of every requested setting (all trials; smoothed ones once their unsmoothed
+    run is saved), for plotting."""
+    return [config for model in args.models for lr in args.lrs for trial in range(args.trials)
+            for config in cell_configs(args, model, lr, trial)
+            if config["smoothing"] in args.smoothings]
+
+
+# ----------------------------------------------------------------------------- plotting
+
+
+def plot(args, runs):
+    """One figure per (model, lr): loss, sharpness (with 2/lr) and Jacobian norm (log y), a line
+    style per smoothing, mean +- std over trials."""
+    paths = []
+    for model in args.models:
+        for lr in args.lrs:
+            mine = [r for r in runs if r["config"]["model"] == model and r["config"]["lr"] == lr]
+            if not mine:
+                continue
+            trials = len({r["config"]["trial"] for r in mine})
+            scale = "" if args.width == 1 and args.train_subset is None else \
+                f", width {args.width:g}, {args.train_subset or 50000} images"
+            fig = common.plot_runs(mine, list(METRIC_LABELS), "smoothing", labels=METRIC_LABELS,
+                                   style_label="smoothing", log_metrics=("jacobian",),
+                                   title=f"{model}, full-batch GD, lr {lr:g}{scale}: "
+                                         f"mean ± std over {trials} trials")
+            ax = fig.axes[list(METRIC_LABELS).index("sharpness")]
+            ax.axhline(2 / lr, color="grey", linewidth=0.8, linestyle=":", label="2 / lr")
+            ax.legend(fontsize="small")
+            stem = f"{PAPER_FIGURES.get((model, lr), 'fig')}_{model}_lr{lr:g}"
+            paths += common.save_figure(fig, f"{args.out}/plots/{stem}")
+    return paths
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(args):
+    check_unsmoothed_saved(args)
+    if not args.plot_only:
+        device = common.resolve_device(args.device)
+        data = None
+        for model, lr, trial in cells(args):
+            configs = cell_configs(args, model, lr, trial)
+            pending = [c for c in configs if not common.Run(args.out, c, RUN_KEYS).done]
+            if pending:  # the smoothed configs appear once the unsmoothed run is saved
+                data = data or load_inputs(args, device)
+                run_cell(args, data, device, model, lr, trial)
+    runs = common.saved_runs_or_fail(args.out, requested_configs(args), RUN_KEYS)
+    unreached = [common.run_name(r["config"], RUN_KEYS) for r in runs
+                 if r["result"].get("reached_target") is False]
+    if unreached:
+        print(f"target accuracy not reached within --max-iterations: {', '.join(unreached)}")
+    for path in plot(args, runs):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,143 @@
+"""End-to-end tests of batch_lr.py on synthetic data (tiny configs, seconds each)."""
+import json
+
+import pytest
+import torch
+
+import batch_lr
+import common
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(out, *extra):
+    """A few-second sweep: 2 lr x 1 batch size x 1 trial of a width-1/8 VGG11 on 64 images."""
+    return ["--datasets", "synthetic-cifar10", "--models", "vgg11", "--lrs", "0.1", "0.01",
+            "--batch-sizes", "16", "--trials", "1", "--train-size", "64", "--test-size", "64",
+            "--width", "0.125", "--eval-every", "2", "--window", "2", "--max-iterations", "4",
+            "--measure-size", "16", "--eig-tol", "1e-2", "--out", str(out), "--no-progress", *extra]
+
+
+def results(out):
+    return sorted((json.loads(p.read_text()) for p in out.glob("*/result.json")),
+                  key=lambda r: r["finished"])
+
+
+def test_smoke_run_writes_cells_figures_and_correlations(tmp_path, capsys):
+    batch_lr.main(batch_lr.parse_args(["--smoke", "--datasets", "synthetic-cifar10",
+                                       "--out", str(tmp_path), "--no-progress"]))
+    printed = capsys.readouterr().out
+    assert "4 of 4 cells finished" in printed and "Kendall tau(gap, Jacobian)" in printed
+    for r in results(tmp_path):
+        assert r["status"] == "finished"
+        assert r["gap"] == pytest.approx(abs(r["test_loss"] - r["train_loss"]))
+        assert r["sharpness"] > 0 and r["jacobian"] > 0
+    plots = tmp_path / "plots"
+    assert (plots / "fig14_vgg11_synthetic-cifar10_vs_lr.png").exists()
+    assert (plots / "fig18_vgg11_synthetic-cifar10_vs_batch.png").exists()
+    tau = json.loads((plots / "correlations.json").read_text())["vgg11_synthetic-cifar10"]
+    assert tau["n"] == 4 and -1 <= tau["tau_gap_jacobian"] <= 1
+
+
+def test_list_grid_is_the_papers_300_cells(capsys):
+    batch_lr.main(batch_lr.parse_args(["--list-grid"]))  # needs no data
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "# 300 cells" and len(lines) == 301
+    assert lines[0].startswith("0\tmodel=resnet18_dataset=cifar10_lr=0.1_batch_size=64_trial=0-")
+
+
+def test_grid_index_runs_one_cell_and_plot_only_merges(tmp_path, capsys):
+    batch_lr.main(batch_lr.parse_args(tiny(tmp_path, "--grid-index", "1")))
+    (cell,) = [p.parent for p in tmp_path.glob("*/result.json")]
+    assert "lr=0.01" in cell.name
+    assert not (tmp_path / "plots").exists()  # array tasks do not plot
+    batch_lr.main(batch_lr.parse_args(tiny(tmp_path, "--grid-index", "0")))
+    batch_lr.main(batch_lr.parse_args(tiny(tmp_path, "--plot-only")))
+    assert "2 of 2 cells finished" in capsys.readouterr().out
+    assert (tmp_path / "plots" / "correlations.json").exists()
+
+
+def test_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    args = tiny(tmp_path / "straight", "--grid-index", "0", "--max-iterations", "6")
+    batch_lr.main(batch_lr.parse_args(args))
+    real_checkpoint, saves = common.Run.checkpoint, []
+
+    def checkpoint_then_die(self, state, force=False):
+        saved = real_checkpoint(self, state, force)
+        saves.append(saved)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # killed after the step-2 checkpoint
+        return saved
+
+    monkeypatch.setattr(common.Run, "checkpoint", checkpoint_then_die)
+    args = tiny(tmp_path / "killed", "--grid-index", "0", "--max-iterations", "6",
+                "--checkpoint-every", "1e-9")
+    with pytest.raises(KeyboardInterrupt):
+        batch_lr.main(batch_lr.parse_args(args))
+    monkeypatch.setattr(common.Run, "checkpoint", real_checkpoint)
+    (cell,) = (tmp_path / "killed").iterdir()
+    assert (cell / "checkpoint.pt").exists() and not (cell / "result.json").exists()
+    batch_lr.main(batch_lr.parse_args(args))
+    assert json.loads((cell / "config.json").read_text())["resumed"]
+    (straight,) = results(tmp_path / "straight")
+    (resumed,) = results(tmp_path / "killed")
+    for key in ("iterations", "train_loss", "test_loss", "sharpness", "jacobian"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-6), key
+    steps = [m["step"] for m in json.loads((cell / "metrics.json").read_text())]
+    assert steps == sorted(set(steps))  # no step logged twice
+
+
+def test_diverged_cell_is_recorded_and_plotted(tmp_path, capsys):
+    batch_lr.main(batch_lr.parse_args(tiny(tmp_path, "--lrs", "1e30", "0.01")))
+    statuses = sorted(r["status"] for r in results(tmp_path))
+    assert statuses == ["diverged", "finished"]
+    assert "diverged (non-finite loss)" in capsys.readouterr().out
+    assert (tmp_path / "plots" / "fig14_vgg11_synthetic-cifar10_vs_lr.png").exists()
+
+
+def test_cifar100_code_path_on_synthetic_data(tmp_path):
+    args = tiny(tmp_path, "--datasets", "synthetic-cifar100", "--grid-index", "0")
+    batch_lr.main(batch_lr.parse_args(args))
+    (r,) = results(tmp_path)
+    assert r["status"] == "finished" and r["jacobian"] > 0
+    config = json.loads(next(tmp_path.glob("*/config.json")).read_text())["config"]
+    assert config["target_loss"] == 0.02  # CIFAR-100's stopping loss
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lrs", "-0.1"], "--lrs must be positive"),
+    (["--batch-sizes", "128"], "--batch-sizes must not exceed --train-size"),
+    (["--grid-index", "7"], "--grid-index must lie in [0, 1]"),
+    (["--models", "alexnet"], "invalid choice"),
+    (["--datasets", "cifar10", "--data-root", "nowhere"], "data set cifar10 not found"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        batch_lr.parse_args(tiny(tmp_path / "out", *flags))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_slurm_template_runs_the_array_task_cell(tmp_path):
+    import os
+    import subprocess
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "3", "SLURM_SUBMIT_DIR": os.getcwd()}
+    done = subprocess.run(["bash", "slurm/batch_lr.sbatch", "--device", "cpu", "--list-grid"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "# 300 cells"
+    missing = subprocess.run(["bash", "slurm/batch_lr.sbatch"], capture_output=True, text=True,
+                             env={k: v for k, v in env.items() if k != "SLURM_ARRAY_TASK_ID"})
+    assert missing.returncode != 0 and "array job" in missing.stderr
+
+
+def test_smoke_settings_are_defaults_that_explicit_flags_override():
+    args = batch_lr.parse_args(["--smoke", "--datasets", "synthetic-cifar10", "--trials", "2"])
+    assert args.trials == 2 and args.max_iterations == 8 and args.out == "results/batch_lr_smoke"

@@ -1,0 +1,170 @@
+"""fullbatch.py end to end on synthetic data: smoke run, the unsmoothed run's iteration count
+reused by the smoothed ones, resume of a killed run, bad arguments, --plot-only."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import fullbatch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--smoke", "--no-progress", "--trials", "1"]
+
+
+def run_main(argv):
+    fullbatch.main(fullbatch.parse_args(argv))
+
+
+def results(out):
+    """{(smoothing, trial): (config, metrics, result)} of the saved runs under out."""
+    found = {}
+    for d in Path(out).iterdir():
+        if (d / "result.json").exists():
+            run = common.load_run(d)
+            found[run["config"]["smoothing"], run["config"]["trial"]] = run
+    return found
+
+
+@pytest.mark.slow
+def test_smoke_run_reuses_the_unsmoothed_iteration_count_and_plots(tmp_path):
+    out = tmp_path / "out"
+    argv = TINY + ["--out", str(out), "--models", "resnet18", "--target-accuracy", "0.5",
+                   "--max-iterations", "8", "--smoothings", "0", "0.75", "--measure-every", "3"]
+    run_main(argv)
+    runs = results(out)
+    assert sorted(runs) == [(0.0, 0), (0.75, 0)]
+    first = runs[0.0, 0]
+    n = first["result"]["iterations"]
+    # the unsmoothed run stops at the first iteration whose accuracy reaches the target
+    accuracies = [m["accuracy"] for m in first["metrics"]]
+    assert accuracies[-1] >= 0.5 and all(a < 0.5 for a in accuracies[:-1])
+    assert first["result"]["reached_target"] is True and n == len(accuracies) - 1
+    for s in (0.75,):
+        run = runs[s, 0]
+        assert run["config"]["iterations"] == n
+        assert [m["step"] for m in run["metrics"]] == list(range(n + 1))
+        measured = [m["step"] for m in run["metrics"] if "sharpness" in m]
+        assert measured == sorted({*range(0, n + 1, 3), n})
+        # loss is cross entropy minus label entropy, so it is a KL divergence: >= 0
+        assert all(m["loss"] >= -1e-6 for m in run["metrics"])
+        assert all(m["jacobian"] > 0 for m in run["metrics"] if "jacobian" in m)
+    assert 0 < n < 8 and (out / "plots" / "fig09_resnet18_lr0.08.png").stat().st_size > 0
+    # a rerun redoes nothing
+    stamp = (out / first["dir"].name / "result.json").stat().st_mtime_ns
+    run_main(argv)
+    assert (out / first["dir"].name / "result.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_smoothed_runs_alone_need_the_saved_unsmoothed_run(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(TINY + ["--out", str(out), "--smoothings", "0.5"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "include 0 in --smoothings" in err
+    assert not out.exists()
+    # once the unsmoothed run is saved, a task with only a smoothed run uses its count
+    run_main(TINY + ["--out", str(out), "--smoothings", "0"])
+    run_main(TINY + ["--out", str(out), "--smoothings", "0.5"])
+    runs = results(out)
+    assert sorted(runs) == [(0.0, 0), (0.5, 0)]
+    assert runs[0.5, 0]["config"]["iterations"] == runs[0.0, 0]["result"]["iterations"] == 4
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint(tmp_path):
+    argv = TINY + ["--smoothings", "0", "--max-iterations", "6", "--target-accuracy", "1",
+                   "--measure-every", "3", "--checkpoint-seconds", "0"]
+    reference = tmp_path / "reference"
+    run_main(argv + ["--out", str(reference)])
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "fullbatch.py", *argv, "--out", str(killed)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(killed.glob("*/checkpoint.pt")) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    (run_dir,) = killed.iterdir()
+    assert not (run_dir / "result.json").exists() and (run_dir / "checkpoint.pt").exists()
+    partial = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert 0 < partial["state"]["step"] <= 6
+    run_main(argv + ["--out", str(killed)])
+    got, want = results(killed)[0.0, 0], results(reference)[0.0, 0]
+    assert [m["step"] for m in got["metrics"]] == list(range(7))
+    assert len(got["meta"]["resumed"]) == 1
+    for a, b in zip(got["metrics"], want["metrics"]):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--models", "vgg12"], "invalid choice"),
+    (["--lrs", "-0.1"], "--lrs must be positive"),
+    (["--smoothings", "1.5"], "--smoothings must lie in [0, 1]"),
+    (["--train-subset", "100", "--measure-size", "200"], "exceeds the training set"),
+    (["--trial-index", "5"], "--trial-index must lie in 0..4"),
+    (["--dataset", "cifar10", "--data-root", "/nonexistent"], "not found"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        fullbatch.parse_args(argv + ["--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_plot_only_redraws_from_saved_results(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:  # nothing saved yet
+        run_main(TINY + ["--out", str(out), "--plot-only"])
+    assert exit_info.value.code == 2 and "no saved results" in capsys.readouterr().err
+    run_main(TINY + ["--out", str(out), "--smoothings", "0"])
+    png = out / "plots" / "fig06_vgg11_lr0.08.png"
+    png.unlink()
+    saved = {p: p.stat().st_mtime_ns for p in out.glob("*/*.json")}
+    run_main(TINY + ["--out", str(out), "--smoothings", "0", "--plot-only"])
+    assert png.stat().st_size > 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.json")} == saved
+
+
+def test_sharpening_measurements_are_pure_and_match_their_definitions():
+    torch.manual_seed(0)
+    model = common.build_model("vgg11", width=0.0625)
+    x, y = torch.randn(12, 3, 32, 32), torch.randint(0, 10, (12,))
+    model.train()
+    model(x)  # move BN's running statistics off their initial values
+    loss_fn = common.cross_entropy(0.5)
+    model.zero_grad()
+    loss_fn(model(x), y).backward()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    row = common.sharpening_measurements(model, loss_fn, x, y, ghost_batch_size=6,
+                                         with_output_norm=True)
+    assert model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    assert row["sharpness"] == pytest.approx(common.sharpness(model, loss_fn, batches), rel=1e-3)
+    assert row["jacobian"] == pytest.approx(common.jacobian_norm(model, x), rel=1e-6)
+    model.eval()
+    with torch.no_grad():
+        assert row["output_norm"] == pytest.approx(torch.linalg.norm(model(x)).item(), rel=1e-5)
+    # excess loss: cross entropy minus label entropy, zero at the smoothed target itself
+    target = torch.full((1, 10), 0.05).scatter_(1, torch.tensor([[3]]), 0.55)
+    ce = common.cross_entropy(0.5)(target.log(), torch.tensor([3])).item()
+    assert common.excess_loss(ce, 0.5, 10) == pytest.approx(0.0, abs=1e-6)

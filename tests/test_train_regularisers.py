@@ -1,0 +1,150 @@
+"""End-to-end tests of train_regularisers.py on synthetic data (tiny configs, seconds each)."""
+import json
+
+import pytest
+import torch
+
+import common
+import train_regularisers as tr
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(out, *extra):
+    """One or two cells of a width-1/8 VGG11 on 48 images for 2 epochs."""
+    return ["--datasets", "synthetic-cifar10", "--models", "vgg11", "--batch-norm", "with",
+            "--sweeps", "sam", "--sam-rhos", "0.05", "--lrs", "0.05", "--trials", "1",
+            "--epochs", "2", "--milestones", "1", "--train-size", "48", "--test-size", "48",
+            "--batch-size", "16", "--width", "0.125", "--measure-size", "16", "--eig-tol", "1e-2",
+            "--out", str(out), "--no-progress", *extra]
+
+
+def results(out):
+    return {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/result.json")}
+
+
+def test_smoke_run_covers_every_sweep_with_shared_baselines(tmp_path, capsys):
+    tr.main(tr.parse_args(["--smoke", "--datasets", "synthetic-cifar10", "--out", str(tmp_path),
+                           "--no-progress"]))
+    printed = capsys.readouterr().out
+    assert "7 of 7 cells finished" in printed  # 10 sweep points, the baseline shared by 4 sweeps
+    for r in results(tmp_path).values():
+        assert r["status"] == "finished"
+        for key in ("gap", "sharpness", "gauss_newton", "jacobian", "train_loss", "test_accuracy"):
+            assert key in r
+    tau = json.loads((tmp_path / "plots" / "correlations.json").read_text())
+    assert set(tau) == {f"synthetic-cifar10_vgg11_bn_{s}" for s in tr.SWEEPS}
+    assert all(t["n"] == 2 for t in tau.values())
+    assert (tmp_path / "plots" / "fig21_synthetic-cifar10_vgg11_bn.png").exists()
+
+
+def test_list_grid_counts_distinct_cells(capsys):
+    tr.main(tr.parse_args(["--list-grid"]))  # needs no data
+    lines = capsys.readouterr().out.strip().splitlines()
+    # per (data set, model, BN): 4 + 5 + 5 + 5 + 5 sweep points, the baseline counted once
+    # (it is in the weight-decay, smoothing, augmentation and SAM sweeps): 21 settings,
+    # x 2 learning rates x 5 trials x 8 = 1680.
+    assert lines[-1] == "# 1680 cells" and len(lines) == 1681
+    names = [line.split("\t")[1] for line in lines[:-1]]
+    assert len(set(names)) == len(names)
+
+
+def test_learning_rate_schedule_divides_by_ten_at_milestones():
+    config = {"lr": 0.1, "milestones": [50, 80]}
+    assert [tr.learning_rate(config, e) for e in (0, 49, 50, 79, 80, 89)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_grid_index_runs_one_cell_and_plot_only_merges(tmp_path, capsys):
+    args = tiny(tmp_path, "--sweeps", "augmentation", "--augment-ps", "0", "1")
+    tr.main(tr.parse_args([*args, "--grid-index", "1"]))
+    (name,) = results(tmp_path)
+    assert "augment_p=1" in name and not (tmp_path / "plots").exists()
+    tr.main(tr.parse_args([*args, "--grid-index", "0"]))
+    tr.main(tr.parse_args([*args, "--plot-only"]))
+    assert "2 of 2 cells finished" in capsys.readouterr().out
+
+
+def test_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    tr.main(tr.parse_args(tiny(tmp_path / "straight", "--epochs", "3", "--milestones", "2")))
+    real_checkpoint = common.Run.checkpoint
+
+    def checkpoint_then_die(self, state, force=False):
+        real_checkpoint(self, state, force)
+        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(common.Run, "checkpoint", checkpoint_then_die)
+    args = tiny(tmp_path / "killed", "--epochs", "3", "--milestones", "2", "--checkpoint-every", "1e-9")
+    with pytest.raises(KeyboardInterrupt):
+        tr.main(tr.parse_args(args))
+    monkeypatch.setattr(common.Run, "checkpoint", real_checkpoint)
+    (cell,) = (tmp_path / "killed").iterdir()
+    assert (cell / "checkpoint.pt").exists() and not (cell / "result.json").exists()
+    tr.main(tr.parse_args(args))
+    assert json.loads((cell / "config.json").read_text())["resumed"]
+    (straight,) = results(tmp_path / "straight").values()
+    (resumed,) = results(tmp_path / "killed").values()
+    for key in ("train_loss", "test_loss", "sharpness", "gauss_newton", "jacobian"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-6), key
+    epochs = [m["step"] for m in json.loads((cell / "metrics.json").read_text())]
+    assert epochs == [1, 2, 3]
+
+
+def test_diverged_cell_is_recorded_and_plotted(tmp_path, capsys):
+    tr.main(tr.parse_args(tiny(tmp_path, "--lrs", "1e30", "0.05")))
+    assert sorted(r["status"] for r in results(tmp_path).values()) == ["diverged", "finished"]
+    assert "diverged (non-finite loss)" in capsys.readouterr().out
+    assert (tmp_path / "plots" / "fig21_synthetic-cifar10_vgg11_bn.png").exists()
+
+
+def test_cifar100_mixup_and_augmentation_on_synthetic_data(tmp_path):
+    args = tiny(tmp_path, "--datasets", "synthetic-cifar100", "--batch-norm", "without",
+                "--sweeps", "mixup", "augmentation",
+                "--mixup-betas", "0.5", "--augment-ps", "0.5", "--epochs", "1", "--milestones", "1",
+                "--measure-size", "8")
+    tr.main(tr.parse_args(args))
+    found = results(tmp_path)
+    assert len(found) == 2 and all(r["status"] == "finished" for r in found.values())
+    tau = json.loads((tmp_path / "plots" / "correlations.json").read_text())
+    assert set(tau) == {"synthetic-cifar100_vgg11_no-bn_mixup",
+                        "synthetic-cifar100_vgg11_no-bn_augmentation"}
+    assert (tmp_path / "plots" / "fig24_synthetic-cifar100_vgg11_no-bn.png").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--smoothings", "1.5"], "--smoothings must lie in [0, 1]"),
+    (["--augment-ps", "-0.1"], "--augment-ps must lie in [0, 1]"),
+    (["--sam-rhos", "-1"], "--sam-rhos must be non-negative"),
+    (["--milestones", "5"], "--milestones must lie in [1, --epochs]"),
+    (["--grid-index", "-1"], "--grid-index must lie in [0, 0]"),
+    (["--sweeps", "dropout"], "invalid choice"),
+    (["--datasets", "cifar100", "--data-root", "nowhere"], "data set cifar100 not found"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        tr.parse_args(tiny(tmp_path / "out", *flags))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_slurm_template_passes_the_array_task_index(tmp_path):
+    import os
+    import subprocess
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "5000", "SLURM_SUBMIT_DIR": os.getcwd()}
+    done = subprocess.run(["bash", "slurm/train_regularisers.sbatch", "--device", "cpu",
+                           "--out", str(tmp_path / "out")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2  # index 5000 is outside the 1680-cell grid: one-line error
+    assert "--grid-index must lie in [0, 1679]" in done.stderr
+
+
+def test_smoke_settings_are_defaults_that_explicit_flags_override():
+    args = tr.parse_args(["--smoke", "--datasets", "synthetic-cifar10", "--epochs", "3"])
+    assert args.epochs == 3 and args.width == 0.125 and args.out == "results/train_regularisers_smoke"

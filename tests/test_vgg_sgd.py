@@ -1,0 +1,118 @@
+"""vgg_sgd.py end to end on synthetic data: smoke run and its measurement schedule, a killed
+multi-epoch run continuing from its checkpoint, bad arguments, --plot-only."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import vgg_sgd
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--smoke", "--no-progress"]
+
+
+def run_main(argv):
+    vgg_sgd.main(vgg_sgd.parse_args(argv))
+
+
+def results(out):
+    """{smoothing: loaded run} of the finished runs under out."""
+    runs = [common.load_run(d) for d in Path(out).iterdir() if (d / "result.json").exists()]
+    return {r["config"]["smoothing"]: r for r in runs}
+
+
+@pytest.mark.slow
+def test_smoke_run_measures_on_schedule_and_plots_both_figures(tmp_path):
+    out = tmp_path / "out"
+    run_main(TINY + ["--out", str(out), "--smoothings", "0", "0.75"])
+    runs = results(out)
+    assert sorted(runs) == [0.0, 0.75]
+    for run in runs.values():
+        # smoke: 64 images, batch 16 -> 4 iterations per epoch, 3 epochs; every 2 in epoch 1
+        assert [m["step"] for m in run["metrics"]] == [0, 2, 4, 8, 12]
+        assert run["result"]["steps_per_epoch"] == 4 and run["result"]["iterations"] == 12
+        for m in run["metrics"]:
+            assert m["loss"] >= -1e-6 and m["jacobian"] > 0 and m["output_norm"] > 0
+            assert m["sharpness"] > 0 and m["epoch"] == m["step"] / 4
+        assert all("train_loss" in m for m in run["metrics"][1:])
+    for stem in ("fig28_first_epoch", "fig29_all_epochs"):
+        assert (out / "plots" / f"{stem}.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_killed_run_continues_from_its_checkpoint(tmp_path):
+    argv = TINY + ["--smoothings", "0.5", "--epochs", "4", "--checkpoint-seconds", "0"]
+    reference = tmp_path / "reference"
+    run_main(argv + ["--out", str(reference)])
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "vgg_sgd.py", *argv, "--out", str(killed)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # kill it once a checkpoint past iteration 0 exists (usually mid-epoch, at 2)
+        deadline = time.monotonic() + 60
+        step = 0
+        while step < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            for path in killed.glob("*/checkpoint.pt"):
+                try:
+                    step = torch.load(path, weights_only=False)["state"]["step"]
+                except Exception:  # noqa: BLE001 - replaced while being read; try again
+                    pass
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    (run_dir,) = killed.iterdir()
+    assert not (run_dir / "result.json").exists()
+    partial = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert 2 <= partial["state"]["step"] < 16
+    run_main(argv + ["--out", str(killed)])
+    got, want = results(killed)[0.5], results(reference)[0.5]
+    assert len(got["meta"]["resumed"]) == 1
+    assert [m["step"] for m in got["metrics"]] == [m["step"] for m in want["metrics"]] \
+        == [0, 2, 4, 8, 12, 16]
+    for a, b in zip(got["metrics"], want["metrics"]):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "vgg12"], "invalid choice"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--smoothings", "0", "-0.1"], "--smoothings must lie in [0, 1]"),
+    (["--momentum", "1.2"], "--momentum must lie in [0, 1]"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--train-subset", "100", "--batch-size", "128"], "exceeds the training set"),
+    (["--dataset", "cifar10", "--data-root", "/nonexistent"], "not found"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        vgg_sgd.parse_args(argv + ["--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_plot_only_redraws_from_saved_results(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:  # nothing saved yet
+        run_main(TINY + ["--out", str(out), "--plot-only"])
+    assert exit_info.value.code == 2 and "no saved results" in capsys.readouterr().err
+    argv = TINY + ["--out", str(out), "--smoothings", "0", "--epochs", "1"]
+    run_main(argv)
+    png = out / "plots" / "fig28_first_epoch.png"
+    assert not (out / "plots" / "fig29_all_epochs.png").exists()  # one epoch: Figure 28 only
+    png.unlink()
+    saved = {p: p.stat().st_mtime_ns for p in out.glob("*/*.json")}
+    run_main(argv + ["--plot-only"])
+    assert png.stat().st_size > 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.json")} == saved

@@ -1,0 +1,301 @@
+"""Sections 6.1 and 6.3, Appendix B.3, Figures 2, 5 and 20-27: regularisers at the end of training.
+
+{CIFAR-10, CIFAR-100} x {VGG11, ResNet18} x {with BN, without BN} trained for 90 epochs with
+batch 128, momentum 0.9, weight decay 5e-4 and the learning rate divided by 10 after epochs 50 and
+80. One regulariser at a time is swept by its parameter, the others held at "off": weight decay
+(Figure 2; includes 0), label smoothing alpha, mixup with theta ~ Beta(beta, beta) (beta = 0 is
+Bernoulli(1/2)), data augmentation applied with probability p (4-pixel pad, random crop,
+horizontal flip, on the device), SAM with radius rho (rho = 0 is SGD). At the end, on clean data
+and without weight decay (label smoothing included): generalisation gap |test - train loss|,
+sharpness and Gauss-Newton norm (1000 training examples drawn with the model's seed, BN in train
+mode, ghost batches of 128), softmax Jacobian norm (same examples, eval mode), training loss and
+validation (test-split) accuracy. The paper's finding: every regulariser lowers the Jacobian
+norm with the gap, while only SAM lowers sharpness.
+
+Paper's sweep (one cell per Slurm array task, see slurm/train_regularisers.sbatch):
+    python train_regularisers.py --list-grid                        # the cells
+    python train_regularisers.py --grid-index $SLURM_ARRAY_TASK_ID  # one cell
+    python train_regularisers.py --plot-only                        # figures + correlations
+GPU cost (measured on one H100, torch 2.11, fp32; benchmarks/gpu/): an SGD epoch at batch 128
+takes 2.5 s (VGG11) / 4.3 s (ResNet18), a SAM epoch 2.4x that (ResNet18: 10.4 s), the
+end-of-training metrics 3.8 s / 7.3 s. A 90-epoch cell is about 4 minutes (VGG11) / 6.5
+(ResNet18), 9 / 16 with SAM. The grid has 2 x 2 x 2 x 21 settings (4 + 5 + 5 + 5 + 5 sweep
+points, the baseline shared by four sweeps counted once) x 2 initial learning rates x 5 trials =
+1680 cells: about 185 H100-hours in all.
+Smoke run (synthetic data, seconds): python train_regularisers.py --smoke --datasets synthetic-cifar10
+
+Writes, under --out (default results/train_regularisers; results/train_regularisers_smoke
+with --smoke):
+    <dataset=..._model=..._batch_norm=..._lr=..._<regularisers>_trial=...-hash>/{config,metrics,result}.json
+    plots/fig20..27_<dataset>_<model>_<bn|no-bn>.{png,pdf}  a row per sweep, a column per metric,
+        line style per initial learning rate. Figure 2 is the weight-decay row, Figure 5 the
+        other rows of fig23 (ResNet18 with BN on CIFAR-10).
+    plots/correlations.json   Kendall tau of the gap against Jacobian norm, sharpness and
+        Gauss-Newton norm, per (data set, model, BN, sweep), each cell one point
+
+Choices where the paper is silent (a careful reading, not the authors' code):
+- Swept values and initial learning rates are not given in the paper; the defaults below are
+  ours (--weight-decays, --smoothings, --mixup-betas, --augment-ps, --sam-rhos, --lrs).
+- Mixup draws one theta per example and pairs the batch with a random permutation of itself;
+  mixup and augmentation are drawn from one CPU torch.Generator seeded with the cell's seed.
+- SAM perturbs by rho g / ||g|| over all parameters, leaves BN running statistics alone in the
+  perturbed pass, and the momentum/weight-decay step uses the perturbed gradient (Foret et al.).
+- One random permutation per epoch, the last incomplete batch kept. Cells whose
+  hyperparameters coincide (each sweep's "off" value) are one run, shared by the sweeps.
+- A baseline without the regulariser is the weight decay 5e-4 run with every other one off.
+"""
+import math
+import time
+
+import torch
+
+import common
+
+# Sweep name -> (config key swept, axis label). Outside its sweep a regulariser is off:
+# weight decay --weight-decay, smoothing 0, mixup None (not applied), p 0, rho 0.
+SWEEPS = {"weight_decay": ("weight_decay", "weight decay"),
+          "label_smoothing": ("smoothing", "label smoothing α"),
+          "mixup": ("mixup_beta", "mixup β"),
+          "augmentation": ("augment_p", "augmentation probability p"),
+          "sam": ("sam_rho", "SAM radius ρ")}
+FIGURES = {(d, m, bn): 20 + 4 * i + 2 * j + int(bn) for i, d in enumerate(("cifar10", "cifar100"))
+           for j, m in enumerate(("vgg11", "resnet18")) for bn in (False, True)}
+METRIC_LABELS = {"gap": "generalisation gap", "sharpness": "sharpness",
+                 "gauss_newton": "Gauss-Newton norm", "jacobian": "Jacobian norm (softmax)",
+                 "train_loss": "training loss", "test_accuracy": "validation accuracy"}
+RUN_KEYS = ("dataset", "model", "batch_norm", "lr", "weight_decay", "smoothing", "mixup_beta",
+            "augment_p", "sam_rho", "trial")
+BATCH_NORM = {"with": True, "without": False}
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv=None):
+    parser = common.make_parser(__doc__, trials=5, out="results/train_regularisers")
+    parser.add_argument("--datasets", nargs="+", default=["cifar10", "cifar100"],
+                        choices=list(common.DATASETS))
+    parser.add_argument("--models", nargs="+", default=["vgg11", "resnet18"], choices=list(common.MODELS))
+    parser.add_argument("--batch-norm", nargs="+", default=["without", "with"], choices=list(BATCH_NORM))
+    parser.add_argument("--sweeps", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
+    parser.add_argument("--lrs", nargs="+", type=float, default=[0.1, 0.01],
+                        help="initial learning rates (a line style each)")
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="outside the weight-decay sweep")
+    parser.add_argument("--weight-decays", nargs="+", type=float, default=[0.0, 1e-4, 5e-4, 1e-3])
+    parser.add_argument("--smoothings", nargs="+", type=float, default=[0.0, 0.1, 0.2, 0.4, 0.6])
+    parser.add_argument("--mixup-betas", nargs="+", type=float, default=[0.0, 0.1, 0.2, 0.5, 1.0])
+    parser.add_argument("--augment-ps", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--sam-rhos", nargs="+", type=float, default=[0.0, 0.01, 0.02, 0.05, 0.1])
+    parser.add_argument("--epochs", type=int, default=90)
+    parser.add_argument("--milestones", nargs="*", type=int, default=[50, 80],
+                        help="epochs after which the learning rate is divided by 10")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier of the model")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="training examples (random subset, seed 0; default all)")
+    parser.add_argument("--test-size", type=int, default=None, help="test examples (default all)")
+    common.add_grid_flags(parser, measure_size=1000)
+    smoke = dict(out="results/train_regularisers_smoke", models=["vgg11"], batch_norm=["with"],
+                 lrs=[0.05], trials=1, weight_decays=[0.0, 5e-4], smoothings=[0.0, 0.2],
+                 mixup_betas=[0.0, 1.0], augment_ps=[0.0, 1.0], sam_rhos=[0.0, 0.05], epochs=2,
+                 milestones=[1], train_size=64, test_size=64, batch_size=32, width=0.125,
+                 measure_size=16, eig_tol=3e-2, eig_max_iter=20)
+    args = common.parse_with_smoke(parser, argv, smoke)
+    validate(args)
+    return args
+
+
+def validate(args):
+    common.check_positive(args, "lrs", "epochs", "batch_size", "width", "measure_size", "eig_tol",
+                          "eig_max_iter", "checkpoint_every")
+    for name in ("weight_decay", "weight_decays", "mixup_betas", "sam_rhos"):
+        values = getattr(args, name)
+        values = values if isinstance(values, list) else [values]
+        common.check(all(v >= 0 for v in values),
+                     f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
+    common.check_unit_interval(args, "smoothings", "augment_ps")
+    common.check(0 <= args.momentum < 1, f"--momentum must lie in [0, 1), got {args.momentum}")
+    common.check(all(0 < m <= args.epochs for m in args.milestones),
+                 f"--milestones must lie in [1, --epochs], got {args.milestones}")
+    for name in ("train_size", "test_size"):
+        value = getattr(args, name)
+        common.check(value is None or value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.train_size is not None:
+        common.check(args.measure_size <= args.train_size,
+                     f"--measure-size ({args.measure_size}) must not exceed --train-size ({args.train_size})")
+    common.check_grid_index(args, grid_cells(args))
+    for dataset in args.datasets:
+        common.check_common(args, dataset=None if args.list_grid else dataset)
+
+
+SWEPT_VALUES = {"weight_decay": "weight_decays", "label_smoothing": "smoothings",
+                "mixup": "mixup_betas", "augmentation": "augment_ps", "sam": "sam_rhos"}
+
+
+def sweep_cells(args, sweep, dataset, model, batch_norm):
+    """The resolved configs of one sweep of one (data set, model, BN): value x lr x trial."""
+    key = SWEEPS[sweep][0]
+    base = dict(weight_decay=args.weight_decay, smoothing=0.0, mixup_beta=None, augment_p=0.0,
+                sam_rho=0.0)
+    return [dict(dataset=dataset, model=model, batch_norm=batch_norm, lr=cell["lr"],
+                 **{**base, key: cell["value"]}, trial=cell["trial"], seed=args.seed + cell["trial"],
+                 epochs=args.epochs, milestones=list(args.milestones), batch_size=args.batch_size,
+                 momentum=args.momentum, width=args.width, train_size=args.train_size,
+                 test_size=args.test_size, measure_size=args.measure_size, eig_tol=args.eig_tol,
+                 eig_max_iter=args.eig_max_iter,
+                 standardise="channel")
+            for cell in common.grid(value=getattr(args, SWEPT_VALUES[sweep]), lr=args.lrs,
+                                    trial=list(range(args.trials)))]
+
+
+def sweeps(args):
+    """{(data set, model, BN, sweep): cells} for every sweep asked for."""
+    return {(d, m, BATCH_NORM[bn], s): sweep_cells(args, s, d, m, BATCH_NORM[bn])
+            for d in args.datasets for m in args.models for bn in args.batch_norm for s in args.sweeps}
+
+
+def grid_cells(args):
+    """Every distinct cell of every sweep (shared baselines once), in a fixed order."""
+    return common.unique_configs([c for cells in sweeps(args).values() for c in cells])
+
+
+# ----------------------------------------------------------------------------- data, model
+# common.load_cell_data and common.build_cell_model, shared by the two sweep scripts.
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def learning_rate(config, epoch):
+    """The initial rate divided by 10 once for every milestone already passed."""
+    return config["lr"] * 0.1 ** sum(epoch >= m for m in config["milestones"])
+
+
+def regularised_batch(config, x, y, num_classes, generator):
+    """The training batch the step sees: augmented with probability p, then mixed up; targets
+    are labels (N,) or mixup's probability vectors (N, K)."""
+    if config["augment_p"] > 0:
+        x = common.augment(x, config["augment_p"], generator)
+    if config["mixup_beta"] is not None:
+        return common.mixup(x, y, config["mixup_beta"], num_classes, generator)
+    return x, y
+
+
+def train(config, args, data, device):
+    """Trains one cell for its epochs (or resumes it, or skips it if saved); returns it."""
+    run = common.Run(args.out, config, RUN_KEYS, checkpoint_seconds=args.checkpoint_every)
+    if run.done:
+        return run.load()
+    model = common.build_cell_model(config, data.num_classes, device)
+    optimizer = common.sgd(model, config["lr"], config["momentum"], config["weight_decay"])
+    loss_fn = common.cross_entropy(config["smoothing"])
+    generator = torch.Generator().manual_seed(config["seed"])
+    state = run.begin(device)
+    epoch, elapsed = 0, 0.0
+    if state:
+        epoch = common.restore_training_state(state, model, optimizer)
+        generator.set_state(state["generator"])
+        elapsed = state["seconds"]
+    started = time.monotonic() - elapsed
+    label = f"cell {run.dir.name}"
+    for epoch in common.progress(range(epoch, config["epochs"]), desc=label, initial=epoch,
+                                 total=config["epochs"], disable=args.no_progress):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, epoch)
+        total, count = 0.0, 0
+        for idx in common.shuffled_batches(len(data.x_train), config["batch_size"], generator):
+            idx = idx.to(device)
+            x, y = regularised_batch(config, data.x_train[idx], data.y_train[idx], data.num_classes,
+                                     generator)
+            loss, _ = common.sam_step(model, optimizer, loss_fn, x, y, config["sam_rho"])
+            if not math.isfinite(loss):
+                run.log(epoch, batch_loss=loss, lr=learning_rate(config, epoch))
+                run.finish("diverged", epoch=epoch)
+                return run.load()
+            total, count = total + loss * len(idx), count + len(idx)
+        run.log(epoch + 1, batch_loss=total / count, lr=learning_rate(config, epoch))
+        run.checkpoint(lambda: common.training_state(epoch + 1, model, optimizer,
+                                                     generator=generator.get_state(),
+                                                     seconds=time.monotonic() - started),
+                       force=epoch + 1 == config["epochs"])
+    seconds = time.monotonic() - started
+    summary = common.final_metrics(model, loss_fn, data, config["seed"],
+                                   measure_size=config["measure_size"],
+                                   ghost_batch=config["batch_size"], eig_tol=config["eig_tol"],
+                                   eig_max_iter=config["eig_max_iter"],
+                                   gauss_newton=True)
+    status = "finished" if math.isfinite(summary["train_loss"]) else "diverged"
+    run.finish(status, train_seconds=seconds, measure_seconds=time.monotonic() - started - seconds,
+               **summary)
+    return run.load()
+
+
+# ----------------------------------------------------------------------------- plotting
+
+
+def plot(args, out):
+    """Per (data set, model, BN): a row per sweep, a column per metric, a line style per initial
+    learning rate; and the Kendall correlations of every sweep."""
+    paths, correlations = [], {}
+    groups = {}
+    for (dataset, model, bn, sweep), cells in sweeps(args).items():
+        runs = common.load_saved(out, cells, RUN_KEYS)
+        if runs:
+            groups.setdefault((dataset, model, bn), []).append((sweep, runs))
+    for (dataset, model, bn), rows in groups.items():
+        name = f"{dataset}_{model}_{'bn' if bn else 'no-bn'}"
+        fig, axes = common.new_figure(len(rows), len(METRIC_LABELS), panel_size=(3.0, 2.3))
+        for row, (sweep, runs) in zip(axes, rows):
+            key, xlabel = SWEEPS[sweep]
+            tau = correlations[f"{name}_{sweep}"] = common.sweep_correlations(
+                runs, against=("jacobian", "sharpness", "gauss_newton"))
+            for ax, (metric, label) in zip(row, METRIC_LABELS.items()):
+                common.plot_sweep(ax, runs, key, "lr", metric, style_label="initial lr")
+                ax.set_xlabel(xlabel)
+                ax.set_ylabel(label)
+            row[0].set_title(f"τ(gap, Jac) = {tau['tau_gap_jacobian']:.2f}, "
+                             f"τ(gap, sharp) = {tau['tau_gap_sharpness']:.2f}", fontsize="small")
+            row[0].legend(fontsize="x-small")
+        trials = max(len({r["config"]["trial"] for r in runs}) for _, runs in rows)
+        fig.suptitle(f"{model} {'with' if bn else 'without'} BN on {dataset}: end of training, "
+                     f"mean ± std over {trials} trials (τ: Kendall, over cells)")
+        number = FIGURES.get((dataset.removeprefix("synthetic-"), model, bn))
+        stem = f"fig{number}_{name}" if number else name
+        paths += common.save_figure(fig, f"{out}/plots/{stem}")
+    common.save_json(f"{out}/plots/correlations.json", correlations)
+    return paths, correlations
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(args):
+    cells = grid_cells(args)
+    if args.list_grid:
+        common.print_grid(cells, RUN_KEYS)
+        return
+    if not args.plot_only:
+        device = common.resolve_device(args.device)
+        pending = [c for c in common.selected_cells(args, cells)
+                   if not common.Run(args.out, c, RUN_KEYS).done]
+        data = {}
+        for config in pending:
+            if config["dataset"] not in data:
+                data = {config["dataset"]: common.load_cell_data(config, args, device)}  # one data set at a time
+            train(config, args, data[config["dataset"]], device)
+        if args.grid_index is not None:
+            return  # an array task: plotting is for --plot-only once the array is done
+    runs = common.saved_runs_or_fail(args.out, cells, RUN_KEYS)
+    print(f"{len(runs)} of {len(cells)} cells finished")
+    paths, correlations = plot(args, args.out)
+    for name, c in correlations.items():
+        print(f"{name}: Kendall tau(gap, Jacobian) = {c['tau_gap_jacobian']:.3f}, "
+              f"tau(gap, sharpness) = {c['tau_gap_sharpness']:.3f}, "
+              f"tau(gap, Gauss-Newton) = {c['tau_gap_gauss_newton']:.3f} over {c['n']} cells")
+    for path in paths:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,293 @@
+"""Appendix C.1, Figures 28 and 29: label smoothing, sharpness, Jacobian norm and output norm
+under SGD, over the first epoch (Figure 28) and over 90 epochs (Figure 29).
+
+VGG11 (`vgg11_bn` without dropout) is trained on CIFAR-10, standardised per RGB channel, by
+SGD with batch 128 and label smoothing 0, 0.5 and 0.75. On a fixed random subset of 2500
+training images we measure the sharpness (BN in train mode, ghost batches of 128), the Jacobian
+norm of the softmaxed model (BN in eval mode), the Frobenius norm of the (N, 10) logits and the
+loss (cross entropy minus the label entropy): every 5 iterations in the first epoch, then at the
+end of every epoch. One run gives both figures.
+
+Paper's run (real CIFAR-10 at <data-root>/cifar10.npz):
+    python vgg_sgd.py --data-root /path/to/data
+One Slurm task per smoothing: python vgg_sgd.py --smoothings 0.5; then --plot-only.
+Figure 28 alone: python vgg_sgd.py --epochs 1
+GPU cost (measured on one H100, torch 2.11, fp32; benchmarks/gpu/paper_scale.json): an SGD
+epoch of VGG11 at batch 128 takes 2.5 s and one measurement (sharpness + Jacobian norm on 2500
+images) about 2.6 s, so one smoothing's 90 epochs with 78 + 89 measurements take about 12
+minutes: the default run (3 smoothings, 1 trial) about 0.6 H100-hours. The reduced-scale
+Figure 28 in plots/vgg_sgd (VGG11 width 1/8, one epoch of all 50000 images, measurements every
+20 iterations on 250 images) took 4-5 minutes per trial on 2 shared CPU cores; command in
+plots/README.md.
+Smoke run (synthetic data, seconds): python vgg_sgd.py --smoke
+
+Writes, under --out (default results/vgg_sgd):
+    <smoothing=..._trial=...-hash>/{config,metrics,result}.json (checkpoint.pt while running;
+    a killed run continues from it when the same command is rerun)
+    plots/fig28_first_epoch.{png,pdf}, plots/fig29_all_epochs.{png,pdf} (the latter only when
+    some run has more than one epoch)
+
+Choices where the paper is silent (a careful reading, not the authors' code):
+- Optimiser: plain SGD at a constant learning rate 0.01, no momentum, no weight decay. C.1 gives
+  only "SGD with a batch size of 128". No weight decay because the paper says (B.3) that the
+  unsmoothed sharpness collapsing to zero, which Figure 29 shows, is what happens without it;
+  0.01 is the middle of the constant rates of B.2. --momentum, --weight-decay and --lr change it.
+- Smoothings 0, 0.5, 0.75 (those of B.1); 1 trial by default (C.1 gives no count).
+- Each epoch is a fresh random permutation (from the trial's seed) cut into batches of 128; a
+  last partial batch is dropped, so an epoch is floor(N / 128) iterations (390 at N = 50000).
+- Measurement schedule: iteration 0, every --measure-every (5) iterations in the first epoch,
+  then every --measure-every-epochs (1) epochs, and the last iteration: 79 + 89 = 168
+  measurements over 90 epochs. `train_loss` is the mean minibatch loss since the previous
+  measurement (label entropy subtracted).
+- Sharpness of the mean loss over the 2500 images in ghost batches of --measure-batch-size
+  (default: the training batch size), so BN sees batches as in training; Lanczos to relative
+  error --eig-tol. Loss, accuracy and output norm of the subset are taken in eval mode.
+- The measurement subset and the initial weights come from the trial's seed (--seed + trial);
+  every smoothing of a trial shares them and the order of the batches.
+- No 2/lr line on the sharpness panels (unlike fullbatch.py): it is the stability bound of
+  full-batch GD, not of SGD, and at lr 0.01 it (200) would flatten the curves.
+"""
+import math
+
+import torch
+
+import common
+
+METRIC_LABELS = {"loss": "cross entropy - label entropy", "sharpness": "sharpness",
+                 "jacobian": "Jacobian norm (softmax)", "output_norm": "output Frobenius norm"}
+RUN_KEYS = ("smoothing", "trial")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv=None):
+    parser = common.make_parser(__doc__, trials=1, out="results/vgg_sgd")
+    parser.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS))
+    parser.add_argument("--model", default="vgg11", choices=list(common.MODELS))
+    parser.add_argument("--smoothings", nargs="+", type=float, default=[0.0, 0.5, 0.75])
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--momentum", type=float, default=0.0)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=90)
+    parser.add_argument("--width", type=float, default=1.0, help="channel-width multiplier")
+    parser.add_argument("--train-subset", type=int, default=None,
+                        help="train on N random training images (default: all 50000)")
+    parser.add_argument("--measure-every", type=int, default=5,
+                        help="iterations between measurements in the first epoch")
+    parser.add_argument("--measure-every-epochs", type=int, default=1,
+                        help="epochs between measurements after the first epoch")
+    parser.add_argument("--measure-size", type=int, default=2500,
+                        help="training images (fixed random subset) for the measurements")
+    parser.add_argument("--measure-batch-size", type=int, default=None,
+                        help="ghost batch for the sharpness (default: --batch-size)")
+    parser.add_argument("--eig-tol", type=float, default=1e-3,
+                        help="relative error of the sharpness estimate (Lanczos)")
+    parser.add_argument("--eig-max-iter", type=int, default=100, help="most Lanczos steps")
+    parser.add_argument("--checkpoint-seconds", type=float, default=300.0,
+                        help="least time between checkpoints (taken at measurements)")
+    # --smoke: tiny sizes on synthetic data, in their own folder; options given explicitly win
+    smoke = dict(out="results/vgg_sgd_smoke", dataset="synthetic-cifar10", width=0.0625,
+                 train_subset=64, batch_size=16, epochs=3, measure_every=2, measure_size=16,
+                 eig_tol=1e-2, eig_max_iter=10)
+    args = common.parse_with_smoke(parser, argv, smoke)
+    if args.measure_batch_size is None:
+        args.measure_batch_size = args.batch_size
+    common.check_positive(args, "lr", "batch_size", "epochs", "width", "measure_every",
+                          "measure_every_epochs", "measure_size", "measure_batch_size",
+                          "eig_tol", "eig_max_iter")
+    common.check_unit_interval(args, "smoothings", "momentum")
+    common.check(args.weight_decay >= 0, f"--weight-decay must be non-negative, got {args.weight_decay}")
+    common.check(args.checkpoint_seconds >= 0,
+                 f"--checkpoint-seconds must be non-negative, got {args.checkpoint_seconds}")
+    n_train = args.train_subset or 50000
+    common.check(0 < n_train <= 50000, f"--train-subset must lie in 1..50000, got {args.train_subset}")
+    common.check(args.batch_size <= n_train,
+                 f"--batch-size ({args.batch_size}) exceeds the training set ({n_train})")
+    common.check(args.measure_size <= n_train,
+                 f"--measure-size ({args.measure_size}) exceeds the training set ({n_train})")
+    common.check_common(args, dataset=args.dataset)
+    args.smoothings = sorted(set(args.smoothings))
+    return args
+
+
+def run_configs(args):
+    """One resolved config per (smoothing, trial)."""
+    return [dict(dataset=args.dataset, model=args.model, smoothing=s, trial=t, seed=args.seed + t,
+                 data_seed=args.seed, lr=args.lr, momentum=args.momentum,
+                 weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
+                 width=args.width, train_subset=args.train_subset,
+                 measure_every=args.measure_every, measure_every_epochs=args.measure_every_epochs,
+                 measure_size=args.measure_size, measure_batch_size=args.measure_batch_size,
+                 eig_tol=args.eig_tol, eig_max_iter=args.eig_max_iter, standardise="channel",
+                 batch_norm=True)
+            for s in args.smoothings for t in range(args.trials)]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_inputs(args, device):
+    """Training images standardised per RGB channel (statistics of all 50000 images), a
+    --train-subset of them drawn from --seed."""
+    return common.load_data(args.dataset, args.data_root, device=device, standardise="channel",
+                            train_size=args.train_subset, train_seed=args.seed, test_size=0,
+                            download=args.download)
+
+
+def measurement_subset(data, config):
+    """The fixed random subset for the measurements, drawn from the trial's seed."""
+    idx = common.subset_indices(len(data.x_train), config["measure_size"], seed=config["seed"])
+    idx = idx.to(data.x_train.device)
+    return data.x_train[idx], data.y_train[idx]  # (M, 3, 32, 32), (M,)
+
+
+def steps_per_epoch(config, n_train):
+    return n_train // config["batch_size"]  # the last partial batch is dropped
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def make_model(config, num_classes, device):
+    torch.manual_seed(config["seed"])  # same initial weights for every smoothing of a trial
+    return common.build_model(config["model"], num_classes=num_classes, width=config["width"],
+                              batch_norm=config["batch_norm"]).to(device)
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def is_measured(step, config, per_epoch, total):
+    """Iteration 0, every measure_every in the first epoch, every measure_every_epochs epochs,
+    and the last iteration."""
+    if step < per_epoch:
+        return step % config["measure_every"] == 0
+    return step % (per_epoch * config["measure_every_epochs"]) == 0 or step == total
+
+
+def train(config, args, data, device):
+    """Trains one run (resuming from its checkpoint, or skipping it if saved); returns it loaded.
+
+    Iteration `step` is measured at the parameters after `step` updates; the checkpoint holds
+    model, optimiser, the batch-order generator, the epoch's permutation and the running loss,
+    so a resumed run continues exactly where the killed one stopped.
+    """
+    run = common.Run(args.out, config, RUN_KEYS, checkpoint_seconds=args.checkpoint_seconds)
+    if run.done:
+        return run.load()
+    model = make_model(config, data.num_classes, device)
+    optimizer = common.sgd(model, config["lr"], config["momentum"], config["weight_decay"])
+    loss_fn = common.cross_entropy(config["smoothing"])
+    x_measure, y_measure = measurement_subset(data, config)
+    n_train = len(data.x_train)
+    per_epoch = steps_per_epoch(config, n_train)
+    total = per_epoch * config["epochs"]
+    order = torch.Generator().manual_seed(config["seed"])  # batch order
+    perm, loss_sum, loss_count = None, 0.0, 0
+    state = run.begin(device)
+    start = 0
+    if state:
+        start = common.restore_training_state(state, model, optimizer)
+        order.set_state(state["order"])
+        perm, loss_sum, loss_count = state["perm"], state["loss_sum"], state["loss_count"]
+    label = f"{config['model']} sgd s={config['smoothing']:g} trial={config['trial']}"
+    bar = common.progress(total=total + 1, initial=start, desc=label, disable=args.no_progress)
+    model.train()
+    for step in range(start, total + 1):
+        # a checkpoint is taken right after a measurement: a resumed run has that row already
+        if is_measured(step, config, per_epoch, total) and not (state and step == start):
+            row = measure(model, loss_fn, x_measure, y_measure, config, data.num_classes)
+            if loss_count:
+                row["train_loss"] = loss_sum / loss_count
+            run.log(step, epoch=step / per_epoch, **row)
+            loss_sum, loss_count = 0.0, 0
+            bar.set_postfix(loss=f"{row['loss']:.3g}", sharpness=f"{row['sharpness']:.3g}")
+            run.checkpoint(lambda: common.training_state(
+                step, model, optimizer, order=order.get_state(), perm=perm,
+                loss_sum=loss_sum, loss_count=loss_count))
+        if step == total:
+            break
+        if step % per_epoch == 0:
+            perm = torch.randperm(n_train, generator=order).to(device)
+        batch = perm[(step % per_epoch) * config["batch_size"]:][:config["batch_size"]]
+        loss, _ = common.gradient_descent_step(model, optimizer, loss_fn, data.x_train[batch],
+                                               data.y_train[batch])
+        if not math.isfinite(loss):
+            run.log(step, epoch=step / per_epoch, train_loss=math.nan)
+            run.finish("diverged", step=step)
+            return run.load()
+        loss_sum += common.excess_loss(loss, config["smoothing"], data.num_classes)
+        loss_count += 1
+        bar.update(1)
+    bar.close()
+    final = run.metrics[-1]
+    run.finish("finished", iterations=total, steps_per_epoch=per_epoch, final_loss=final["loss"],
+               final_sharpness=final["sharpness"])
+    return run.load()
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def measure(model, loss_fn, x, y, config, num_classes):
+    """Sharpness, Jacobian norm, output norm, loss and accuracy on the measurement subset."""
+    row = common.sharpening_measurements(model, loss_fn, x, y,
+                                         ghost_batch_size=config["measure_batch_size"],
+                                         tol=config["eig_tol"], max_iter=config["eig_max_iter"],
+                                         with_output_norm=True)
+    loss, accuracy = common.evaluate(model, loss_fn, x, y, config["measure_batch_size"])
+    return {"loss": common.excess_loss(loss, config["smoothing"], num_classes),
+            "accuracy": accuracy, **row}
+
+
+# ----------------------------------------------------------------------------- plotting
+
+
+def within(run, last_step):
+    """The run with only its metrics up to `last_step`."""
+    return {**run, "metrics": [m for m in run["metrics"] if m["step"] <= last_step]}
+
+
+def plot(args, runs):
+    """Figure 28 (first epoch, every measurement) and, if any run is longer than one epoch,
+    Figure 29 (the whole run). A line style per smoothing, mean +- std over trials."""
+    per_epoch = runs[0]["result"].get("steps_per_epoch") or steps_per_epoch(
+        runs[0]["config"], args.train_subset or 50000)
+    trials = len({r["config"]["trial"] for r in runs})
+    scale = "" if args.width == 1 and args.train_subset is None else \
+        f", width {args.width:g}, {args.train_subset or 50000} images"
+    title = f"{args.model}, SGD batch {args.batch_size}, lr {args.lr:g}{scale}: {trials} trial(s)"
+    figures = [("fig28_first_epoch", [within(r, per_epoch) for r in runs], "first epoch",
+                ("jacobian",))]
+    if max(r["config"]["epochs"] for r in runs) > 1:
+        figures.append(("fig29_all_epochs", runs, "all epochs", ("jacobian", "output_norm")))
+    paths = []
+    for stem, shown, span, logs in figures:
+        fig = common.plot_runs(shown, list(METRIC_LABELS), "smoothing", labels=METRIC_LABELS,
+                               style_label="smoothing", log_metrics=logs,
+                               xlabel=f"iteration ({per_epoch} per epoch)",
+                               title=f"{title}, {span}")
+        paths += common.save_figure(fig, f"{args.out}/plots/{stem}")
+    return paths
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(args):
+    configs = run_configs(args)
+    pending = [c for c in configs if not common.Run(args.out, c, RUN_KEYS).done]
+    if pending and not args.plot_only:
+        device = common.resolve_device(args.device)
+        data = load_inputs(args, device)
+        for config in pending:
+            train(config, args, data, device)
+    runs = common.saved_runs_or_fail(args.out, configs, RUN_KEYS)
+    for path in plot(args, runs):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
