@@ -1641,6 +1641,18 @@ def build_cell_model(config, num_classes, device):
                        batch_norm=config.get("batch_norm", True), width=config["width"]).to(device)
 
 
+def train_selected_cells(args, cells, keys, train):
+    """Runs train(config, args, data, device) for every cell selected by --grid-index (all if
+    absent) that is not finished yet, keeping one data set on the device at a time."""
+    device = resolve_device(args.device)
+    pending = [c for c in selected_cells(args, cells) if not Run(args.out, c, keys).done]
+    data = {}
+    for config in pending:
+        if config["dataset"] not in data:
+            data = {config["dataset"]: load_cell_data(config, args, device)}
+        train(config, args, data[config["dataset"]], device)
+
+
 def grid(**axes):
     """Cartesian product of the given lists, the last axis varying fastest.
 

@@ -276,14 +276,7 @@ def main(args):
         common.print_grid(cells, RUN_KEYS)
         return
     if not args.plot_only:
-        device = common.resolve_device(args.device)
-        pending = [c for c in common.selected_cells(args, cells)
-                   if not common.Run(args.out, c, RUN_KEYS).done]
-        data = {}
-        for config in pending:
-            if config["dataset"] not in data:
-                data = {config["dataset"]: common.load_cell_data(config, args, device)}  # one data set at a time
-            train(config, args, data[config["dataset"]], device)
+        common.train_selected_cells(args, cells, RUN_KEYS, train)
         if args.grid_index is not None:
             return  # an array task: plotting is for --plot-only once the array is done
     runs = common.saved_runs_or_fail(args.out, cells, RUN_KEYS)
