@@ -14,7 +14,7 @@ Slurm array task (see slurm/batch_lr.sbatch):
     python batch_lr.py --list-grid                        # the cells
     python batch_lr.py --grid-index $SLURM_ARRAY_TASK_ID  # one cell
     python batch_lr.py --plot-only                        # figures + correlations from all cells
-GPU cost (measured on one H100, torch 2.11, fp32; benchmarks/gpu/): a ResNet18 cell at batch
+GPU cost (measured on one H100 with the GPU machine's torch, fp32; benchmarks/gpu/): a ResNet18 cell at batch
 128 ran 400 iterations, with the full-training-set loss every 100, in 7.9 s (20 ms per iteration,
 half of it the loss evaluations) and its end-of-training measurements in 7.2 s. The cost of a
 cell is set by the iterations it needs to reach the target loss, which were not measured at
@@ -81,8 +81,8 @@ def parse_args(argv=None):
                         help="safety cap on iterations per cell")
     parser.add_argument("--width", type=float, default=1.0, help="channel multiplier of the model")
     parser.add_argument("--train-size", type=int, default=None,
-                        help="training examples (random subset, seed 0; default all)")
-    parser.add_argument("--test-size", type=int, default=None, help="test examples (default all)")
+                        help="train on N training images drawn at random with --seed (default: all)")
+    parser.add_argument("--test-size", type=int, default=None, help="test on N test images drawn at random with --seed (default: all)")
     common.add_grid_flags(parser, measure_size=2000)
     smoke = dict(out="results/batch_lr_smoke", models=["vgg11"], lrs=[0.1, 0.01], batch_sizes=[16, 32],
                  trials=1, train_size=64, test_size=64, measure_size=16, width=0.125, eval_every=4,
@@ -94,7 +94,7 @@ def parse_args(argv=None):
 
 def validate(args):
     common.check_positive(args, "lrs", "batch_sizes", "eval_every", "window", "max_iterations",
-                          "width", "measure_size", "eig_tol", "eig_max_iter", "checkpoint_every")
+                          "width", "measure_size", "eig_tol", "eig_max_iter", "checkpoint_seconds")
     common.check(args.weight_decay >= 0, f"--weight-decay must be non-negative, got {args.weight_decay}")
     common.check(0 <= args.momentum < 1, f"--momentum must lie in [0, 1), got {args.momentum}")
     common.check(args.target_loss is None or args.target_loss > 0,
@@ -123,7 +123,7 @@ def grid_cells(args):
     return [dict(cell, seed=args.seed + cell["trial"], weight_decay=args.weight_decay,
                  momentum=args.momentum, eval_every=args.eval_every, window=args.window,
                  target_loss=target_loss(args, cell["dataset"]), max_iterations=args.max_iterations,
-                 width=args.width, train_size=args.train_size, test_size=args.test_size,
+                 width=args.width, train_size=args.train_size, test_size=args.test_size, data_seed=args.seed,
                  measure_size=args.measure_size, eig_tol=args.eig_tol,
                  eig_max_iter=args.eig_max_iter, standardise="channel")
             for cell in common.grid(model=args.models, dataset=args.datasets, lr=args.lrs,
@@ -131,7 +131,23 @@ def grid_cells(args):
 
 
 # ----------------------------------------------------------------------------- data, model
-# common.load_cell_data and common.build_cell_model, shared by the two sweep scripts.
+
+
+def load_cell_data(config, args, device):
+    """A cell's data set on the device, standardised per channel (whole-training-split
+    statistics); --train-size / --test-size subsets drawn at random with --seed."""
+    return common.load_data(config["dataset"], args.data_root, device=device,
+                            standardise="channel", train_size=config["train_size"],
+                            train_seed=config["data_seed"], test_size=config["test_size"],
+                            test_seed=config["data_seed"], download=args.download)
+
+
+def make_model(config, num_classes, device):
+    """A cell's model, initialised from the cell's seed."""
+    torch.manual_seed(config["seed"])
+    return common.build_model(config["model"], num_classes=num_classes,
+                              batch_norm=config.get("batch_norm", True),
+                              width=config["width"]).to(device)
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -163,10 +179,10 @@ class BatchStream:
 
 def train(config, args, data, device):
     """Trains one cell until the target loss (or resumes it, or skips it if saved); returns it."""
-    run = common.Run(args.out, config, RUN_KEYS, checkpoint_seconds=args.checkpoint_every)
+    run = common.Run(args.out, config, RUN_KEYS, checkpoint_seconds=args.checkpoint_seconds)
     if run.done:
         return run.load()
-    model = common.build_cell_model(config, data.num_classes, device)
+    model = make_model(config, data.num_classes, device)
     optimizer = common.sgd(model, config["lr"], config["momentum"], config["weight_decay"])
     loss_fn = common.cross_entropy()
     stream = BatchStream(len(data.x_train), config["batch_size"], config["seed"])
@@ -197,7 +213,7 @@ def train(config, args, data, device):
             run.checkpoint(lambda: common.training_state(step, model, optimizer, stream=stream.state(),
                                                          seconds=time.monotonic() - started))
         idx = stream.next().to(device)
-        loss, _ = common.sam_step(model, optimizer, loss_fn, data.x_train[idx], data.y_train[idx])
+        loss, _ = common.train_step(model, optimizer, loss_fn, data.x_train[idx], data.y_train[idx])
         if not math.isfinite(loss):
             bar.close()
             return diverged(run, step)
@@ -205,10 +221,11 @@ def train(config, args, data, device):
         bar.update()
     bar.close()
     seconds = time.monotonic() - started
-    summary = common.final_metrics(model, loss_fn, data, config["seed"],
-                                   measure_size=config["measure_size"],
-                                   ghost_batch=config["batch_size"], eig_tol=config["eig_tol"],
-                                   eig_max_iter=config["eig_max_iter"])
+    summary = common.end_of_training_metrics(model, loss_fn, data, config["seed"],
+                                            measure_size=config["measure_size"],
+                                            ghost_batch_size=config["batch_size"],
+                                            eig_tol=config["eig_tol"],
+                                            eig_max_iter=config["eig_max_iter"])
     run.finish("finished", iterations=step, reached_target=reached, train_seconds=seconds,
                measure_seconds=time.monotonic() - started - seconds, **summary)
     return run.load()
@@ -262,13 +279,26 @@ def sweep_figure(runs, x_key, style_key, title, correlation):
 # ----------------------------------------------------------------------------- main
 
 
+def train_pending(args, cells):
+    """Trains every cell selected by --grid-index (all if absent) that is not finished yet,
+    keeping one data set on the device at a time."""
+    device = common.resolve_device(args.device)
+    pending = [c for c in common.selected_cells(args, cells)
+               if not common.Run(args.out, c, RUN_KEYS).done]
+    data = {}
+    for config in pending:
+        if config["dataset"] not in data:
+            data = {config["dataset"]: load_cell_data(config, args, device)}
+        train(config, args, data[config["dataset"]], device)
+
+
 def main(args):
     cells = grid_cells(args)
     if args.list_grid:
         common.print_grid(cells, RUN_KEYS)
         return
     if not args.plot_only:
-        common.train_selected_cells(args, cells, RUN_KEYS, train)
+        train_pending(args, cells)
         if args.grid_index is not None:
             return  # an array task: plotting is for --plot-only once the array is done
     runs = common.saved_runs_or_fail(args.out, cells, RUN_KEYS)

@@ -17,10 +17,10 @@ One Slurm task per (model, lr, trial), e.g. array index i -> trial i % 5:
     python fullbatch.py --models vgg11 --lrs 0.08 --trial-index $T
     (the task runs smoothing 0 first, then 0.5 and 0.75 for its iteration count); afterwards
     python fullbatch.py --plot-only
-GPU cost (measured on one H100, torch 2.11, fp32; benchmarks/gpu/paper_scale.json): one
+GPU cost (measured on one H100 with the GPU machine's torch, fp32; benchmarks/gpu/paper_scale.json): one
 full-batch step over 50 000 images in 10 ghost batches takes 0.68 s (VGG11) / 2.38 s (ResNet18);
 one measurement (sharpness to 1e-3 + Jacobian norm on 2500 images) 2.6 s / 8.5 s, timed with
-TF32 on (the estimators now turn it off: about 1.3x that); peak memory 14 / 35 GiB. A run of T iterations measured every k costs T * (step + measurement / k). The
+TF32 on (the estimators turn it off: about 1.3x that); peak memory 14 / 35 GiB. A run of T iterations measured every k costs T * (step + measurement / k). The
 iteration counts to 99% accuracy were not measured; if they are 2000 / 4000 / 8000 at lr 0.08 /
 0.04 / 0.02 (an assumption), the 90 runs take about 53 H100-hours (VGG11) + 182 (ResNet18).
 The reduced-scale Figure 1 in plots/fullbatch (VGG11 width 1/8, 500 images, 3 trials, 9 runs of
@@ -73,8 +73,9 @@ def parse_args(argv=None):
     parser.add_argument("--trial-index", type=int, default=None,
                         help="run only this trial (0 <= T < --trials), e.g. one Slurm task")
     parser.add_argument("--width", type=float, default=1.0, help="channel-width multiplier")
-    parser.add_argument("--train-subset", type=int, default=None,
-                        help="train on N random training images (default: all 50000)")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="train on N training images drawn at random with --seed "
+                             "(default: all 50000)")
     parser.add_argument("--ghost-batch-size", type=int, default=5000,
                         help="examples per ghost batch (BN statistics and gradient chunk)")
     parser.add_argument("--target-accuracy", type=float, default=0.99,
@@ -92,7 +93,7 @@ def parse_args(argv=None):
                         help="least time between checkpoints (taken at measurements)")
     # --smoke: tiny sizes on synthetic data, in their own folder; options given explicitly win
     smoke = dict(out="results/fullbatch_smoke", dataset="synthetic-cifar10", models=["vgg11"],
-                 lrs=[0.08], trials=2, width=0.0625, train_subset=64, ghost_batch_size=32,
+                 lrs=[0.08], trials=2, width=0.0625, train_size=64, ghost_batch_size=32,
                  measure_size=16, max_iterations=4, measure_every=2, eig_tol=1e-2,
                  eig_max_iter=10)
     args = common.parse_with_smoke(parser, argv, smoke)
@@ -102,10 +103,10 @@ def parse_args(argv=None):
     common.check(args.measure_every >= 0, f"--measure-every must be non-negative, got {args.measure_every}")
     common.check(args.checkpoint_seconds >= 0,
                  f"--checkpoint-seconds must be non-negative, got {args.checkpoint_seconds}")
-    common.check(args.train_subset is None or 0 < args.train_subset <= 50000,
-                 f"--train-subset must lie in 1..50000, got {args.train_subset}")
-    common.check(args.measure_size <= (args.train_subset or 50000),
-                 f"--measure-size ({args.measure_size}) exceeds the training set ({args.train_subset or 50000})")
+    common.check(args.train_size is None or 0 < args.train_size <= 50000,
+                 f"--train-size must lie in 1..50000, got {args.train_size}")
+    common.check(args.measure_size <= (args.train_size or 50000),
+                 f"--measure-size ({args.measure_size}) exceeds the training set ({args.train_size or 50000})")
     common.check(args.trial_index is None or 0 <= args.trial_index < args.trials,
                  f"--trial-index must lie in 0..{args.trials - 1}, got {args.trial_index}")
     common.check_common(args, dataset=args.dataset)
@@ -128,7 +129,7 @@ def cells(args):
 
 def base_config(args, model, lr, trial):
     return dict(dataset=args.dataset, model=model, lr=lr, trial=trial, seed=args.seed + trial,
-                data_seed=args.seed, width=args.width, train_subset=args.train_subset,
+                data_seed=args.seed, width=args.width, train_size=args.train_size,
                 ghost_batch_size=args.ghost_batch_size, measure_every=measure_every(args, lr),
                 measure_size=args.measure_size, eig_tol=args.eig_tol,
                 eig_max_iter=args.eig_max_iter, standardise="component", batch_norm=True)
@@ -151,10 +152,10 @@ def smoothed_config(args, model, lr, trial, smoothing, iterations):
 
 
 def load_inputs(args, device):
-    """Training images standardised per component (statistics of all 50000), a --train-subset
-    of them drawn from --seed."""
+    """Training images standardised per component (statistics of all 50000), --train-size of
+    them drawn at random with --seed."""
     return common.load_data(args.dataset, args.data_root, device=device, standardise="component",
-                            train_size=args.train_subset, train_seed=args.seed, test_size=0,
+                            train_size=args.train_size, train_seed=args.seed, test_size=0,
                             download=args.download)
 
 
@@ -200,9 +201,11 @@ def train(config, args, data, device):
     bar = common.progress(total=last + 1, initial=start, desc=label, disable=args.no_progress)
     model.train()
     for step in range(start, last + 1):
+        # The gradient pass and the update are apart (not one common.train_step): sharpness and
+        # Jacobian of iteration t are measured between them, at the parameters the loss saw.
         optimizer.zero_grad(set_to_none=True)
-        loss, accuracy = common.full_batch_gradient(model, loss_fn, data.x_train, data.y_train,
-                                                    config["ghost_batch_size"])
+        loss, accuracy = common.ghost_batch_gradient(model, loss_fn, data.x_train, data.y_train,
+                                                     config["ghost_batch_size"])
         row = {"loss": common.excess_loss(loss, config["smoothing"], data.num_classes),
                "accuracy": accuracy}
         if not math.isfinite(loss):
@@ -212,7 +215,7 @@ def train(config, args, data, device):
         reached = fixed is None and accuracy >= config["target_accuracy"]
         final = reached or step == last
         if final or step % config["measure_every"] == 0:
-            row.update(common.sharpening_measurements(
+            row.update(common.progressive_sharpening_metrics(
                 model, loss_fn, x_measure, y_measure, ghost_batch_size=config["ghost_batch_size"],
                 tol=config["eig_tol"], max_iter=config["eig_max_iter"]))
         run.log(step, **row)
@@ -292,13 +295,13 @@ def plot(args, runs):
             if not mine:
                 continue
             trials = len({r["config"]["trial"] for r in mine})
-            scale = "" if args.width == 1 and args.train_subset is None else \
-                f", width {args.width:g}, {args.train_subset or 50000} images"
-            fig = common.plot_runs(mine, list(METRIC_LABELS), "smoothing", labels=METRIC_LABELS,
+            scale = "" if args.width == 1 and args.train_size is None else \
+                f", width {args.width:g}, {args.train_size or 50000} images"
+            fig, panels = common.plot_runs(mine, list(METRIC_LABELS), "smoothing", labels=METRIC_LABELS,
                                    style_label="smoothing", log_metrics=("jacobian",),
                                    title=f"{model}, full-batch GD, lr {lr:g}{scale}: "
                                          f"mean ± std over {trials} trials")
-            ax = fig.axes[list(METRIC_LABELS).index("sharpness")]
+            ax = panels["sharpness"]
             ax.axhline(2 / lr, color="grey", linewidth=0.8, linestyle=":", label="2 / lr")
             ax.legend(fontsize="small")
             stem = f"{PAPER_FIGURES.get((model, lr), 'fig')}_{model}_lr{lr:g}"

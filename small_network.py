@@ -55,19 +55,21 @@ def parse_args(argv=None):
     parser.add_argument("--depth", type=int, default=3, help="number of linear layers")
     parser.add_argument("--lr", type=float, default=0.2)
     parser.add_argument("--iterations", type=int, default=300)
-    parser.add_argument("--train-size", type=int, default=5000, help="first N training images")
+    parser.add_argument("--train-first", type=int, default=5000,
+                        help="train on the first N training images (the paper's choice)")
     parser.add_argument("--measure-every", type=int, default=10, help="iterations between measurements")
     parser.add_argument("--measure-size", type=int, default=2500,
                         help="training images (fixed random subset) used for sharpness and Jacobian")
-    parser.add_argument("--chunk-size", type=int, default=5000, help="examples per gradient chunk")
-    smoke = dict(out="results/small_network_smoke", trials=2, train_size=200, measure_size=100,
+    parser.add_argument("--ghost-batch-size", type=int, default=5000,
+                        help="examples per ghost batch of the gradient pass (memory; the MLP has no BN)")
+    smoke = dict(out="results/small_network_smoke", trials=2, train_first=200, measure_size=100,
                  iterations=6, measure_every=3, width=32)
     args = common.parse_with_smoke(parser, argv, smoke)
-    common.check_positive(args, "scales", "width", "depth", "lr", "iterations", "train_size",
-                          "measure_every", "measure_size", "chunk_size")
-    common.check(args.train_size <= 50000, f"--train-size must be at most 50000, got {args.train_size}")
-    common.check(args.measure_size <= args.train_size,
-                 f"--measure-size ({args.measure_size}) must not exceed --train-size ({args.train_size})")
+    common.check_positive(args, "scales", "width", "depth", "lr", "iterations", "train_first",
+                          "measure_every", "measure_size", "ghost_batch_size")
+    common.check(args.train_first <= 50000, f"--train-first must be at most 50000, got {args.train_first}")
+    common.check(args.measure_size <= args.train_first,
+                 f"--measure-size ({args.measure_size}) must not exceed --train-first ({args.train_first})")
     common.check_common(args, dataset=args.dataset)
     return args
 
@@ -76,9 +78,9 @@ def run_configs(args):
     """One resolved config per (activation, scale, trial): everything that defines a run."""
     return [dict(dataset=args.dataset, activation=activation, scale=scale, trial=trial,
                  seed=args.seed + trial, width=args.width, depth=args.depth, lr=args.lr,
-                 iterations=args.iterations, train_size=args.train_size,
+                 iterations=args.iterations, train_first=args.train_first,
                  measure_every=args.measure_every, measure_size=args.measure_size,
-                 chunk_size=args.chunk_size, standardise="component", init="default")
+                 ghost_batch_size=args.ghost_batch_size, standardise="component", init="default")
             for activation in args.activations for scale in args.scales
             for trial in range(args.trials)]
 
@@ -90,11 +92,11 @@ RUN_KEYS = ("activation", "scale", "trial")
 
 
 def load_inputs(args, device):
-    """The first train_size training images standardised per component, and the fixed subset
+    """The first --train-first training images standardised per component, and the fixed subset
     of them used for measurements (indices drawn with seed 0)."""
     data = common.load_data(args.dataset, args.data_root, device=device, standardise="component",
-                            train_size=args.train_size, test_size=0, download=args.download)
-    measure_idx = common.subset_indices(args.train_size, args.measure_size, seed=0).to(device)
+                            train_size=args.train_first, test_size=0, download=args.download)
+    measure_idx = common.subset_indices(args.train_first, args.measure_size, seed=0).to(device)
     return data, measure_idx
 
 
@@ -127,10 +129,10 @@ def train(config, args, data, measure_idx, device):
         measuring = step % config["measure_every"] == 0 or step == config["iterations"]
         row = measure(model, loss_fn, x[measure_idx], y[measure_idx]) if measuring else {}
         if step < config["iterations"]:  # loss and accuracy before this step's update
-            loss, accuracy = common.gradient_descent_step(model, optimizer, loss_fn, x, y,
-                                                          config["chunk_size"])
+            loss, accuracy = common.train_step(model, optimizer, loss_fn, x, y,
+                                               ghost_batch_size=config["ghost_batch_size"])
         else:
-            loss, accuracy = common.evaluate(model, loss_fn, x, y, config["chunk_size"])
+            loss, accuracy = common.evaluate(model, loss_fn, x, y, config["ghost_batch_size"])
         run.log(step, loss=loss, accuracy=accuracy, **row)
         if not math.isfinite(loss):
             run.finish("diverged", step=step)
@@ -170,12 +172,13 @@ def plot(args, runs):
         if not mine:
             continue
         trials = len({r["config"]["trial"] for r in mine})
-        fig = common.plot_runs(mine, list(METRIC_LABELS), "scale", labels=METRIC_LABELS,
+        fig, panels = common.plot_runs(mine, list(METRIC_LABELS), "scale", labels=METRIC_LABELS,
                                style_label="input scale", log_metrics=("loss",), ncols=3,
                                title=f"{activation} MLP, width {args.width}, lr {args.lr:g}: "
                                      f"mean ± std over {trials} trials")
-        fig.axes[2].axhline(2 / args.lr, color="grey", linewidth=0.8, linestyle=":")
-        fig.axes[2].annotate("2 / lr", (1, 2 / args.lr), xycoords=fig.axes[2].get_yaxis_transform(),
+        ax = panels["sharpness"]
+        ax.axhline(2 / args.lr, color="grey", linewidth=0.8, linestyle=":")
+        ax.annotate("2 / lr", (1, 2 / args.lr), xycoords=ax.get_yaxis_transform(),
                              xytext=(-3, -3), textcoords="offset points", ha="right", va="top",
                              color="grey", fontsize="small")  # gradient descent's stability limit
         stem = PAPER_FIGURES.get(activation, f"fig_{activation}")

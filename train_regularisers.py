@@ -16,7 +16,7 @@ Paper's sweep (one cell per Slurm array task, see slurm/train_regularisers.sbatc
     python train_regularisers.py --list-grid                        # the cells
     python train_regularisers.py --grid-index $SLURM_ARRAY_TASK_ID  # one cell
     python train_regularisers.py --plot-only                        # figures + correlations
-GPU cost (measured on one H100, torch 2.11, fp32; benchmarks/gpu/): an SGD epoch at batch 128
+GPU cost (measured on one H100 with the GPU machine's torch, fp32; benchmarks/gpu/): an SGD epoch at batch 128
 takes 2.5 s (VGG11) / 4.3 s (ResNet18), a SAM epoch 2.4x that (ResNet18: 10.4 s), the
 end-of-training metrics 3.8 s / 7.3 s. A 90-epoch cell is about 4 minutes (VGG11) / 6.5
 (ResNet18), 9 / 16 with SAM. The grid has 2 x 2 x 2 x 21 settings (4 + 5 + 5 + 5 + 5 sweep
@@ -93,8 +93,8 @@ def parse_args(argv=None):
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--width", type=float, default=1.0, help="channel multiplier of the model")
     parser.add_argument("--train-size", type=int, default=None,
-                        help="training examples (random subset, seed 0; default all)")
-    parser.add_argument("--test-size", type=int, default=None, help="test examples (default all)")
+                        help="train on N training images drawn at random with --seed (default: all)")
+    parser.add_argument("--test-size", type=int, default=None, help="test on N test images drawn at random with --seed (default: all)")
     common.add_grid_flags(parser, measure_size=1000)
     smoke = dict(out="results/train_regularisers_smoke", models=["vgg11"], batch_norm=["with"],
                  lrs=[0.05], trials=1, weight_decays=[0.0, 5e-4], smoothings=[0.0, 0.2],
@@ -108,7 +108,7 @@ def parse_args(argv=None):
 
 def validate(args):
     common.check_positive(args, "lrs", "epochs", "batch_size", "width", "measure_size", "eig_tol",
-                          "eig_max_iter", "checkpoint_every")
+                          "eig_max_iter", "checkpoint_seconds")
     for name in ("weight_decay", "weight_decays", "mixup_betas", "sam_rhos"):
         values = getattr(args, name)
         values = values if isinstance(values, list) else [values]
@@ -141,7 +141,7 @@ def sweep_cells(args, sweep, dataset, model, batch_norm):
     return [dict(dataset=dataset, model=model, batch_norm=batch_norm, lr=cell["lr"],
                  **{**base, key: cell["value"]}, trial=cell["trial"], seed=args.seed + cell["trial"],
                  epochs=args.epochs, milestones=list(args.milestones), batch_size=args.batch_size,
-                 momentum=args.momentum, width=args.width, train_size=args.train_size,
+                 momentum=args.momentum, width=args.width, train_size=args.train_size, data_seed=args.seed,
                  test_size=args.test_size, measure_size=args.measure_size, eig_tol=args.eig_tol,
                  eig_max_iter=args.eig_max_iter,
                  standardise="channel")
@@ -161,7 +161,23 @@ def grid_cells(args):
 
 
 # ----------------------------------------------------------------------------- data, model
-# common.load_cell_data and common.build_cell_model, shared by the two sweep scripts.
+
+
+def load_cell_data(config, args, device):
+    """A cell's data set on the device, standardised per channel (whole-training-split
+    statistics); --train-size / --test-size subsets drawn at random with --seed."""
+    return common.load_data(config["dataset"], args.data_root, device=device,
+                            standardise="channel", train_size=config["train_size"],
+                            train_seed=config["data_seed"], test_size=config["test_size"],
+                            test_seed=config["data_seed"], download=args.download)
+
+
+def make_model(config, num_classes, device):
+    """A cell's model, initialised from the cell's seed."""
+    torch.manual_seed(config["seed"])
+    return common.build_model(config["model"], num_classes=num_classes,
+                              batch_norm=config.get("batch_norm", True),
+                              width=config["width"]).to(device)
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -184,10 +200,10 @@ def regularised_batch(config, x, y, num_classes, generator):
 
 def train(config, args, data, device):
     """Trains one cell for its epochs (or resumes it, or skips it if saved); returns it."""
-    run = common.Run(args.out, config, RUN_KEYS, checkpoint_seconds=args.checkpoint_every)
+    run = common.Run(args.out, config, RUN_KEYS, checkpoint_seconds=args.checkpoint_seconds)
     if run.done:
         return run.load()
-    model = common.build_cell_model(config, data.num_classes, device)
+    model = make_model(config, data.num_classes, device)
     optimizer = common.sgd(model, config["lr"], config["momentum"], config["weight_decay"])
     loss_fn = common.cross_entropy(config["smoothing"])
     generator = torch.Generator().manual_seed(config["seed"])
@@ -208,7 +224,7 @@ def train(config, args, data, device):
             idx = idx.to(device)
             x, y = regularised_batch(config, data.x_train[idx], data.y_train[idx], data.num_classes,
                                      generator)
-            loss, _ = common.sam_step(model, optimizer, loss_fn, x, y, config["sam_rho"])
+            loss, _ = common.train_step(model, optimizer, loss_fn, x, y, rho=config["sam_rho"])
             if not math.isfinite(loss):
                 run.log(epoch, batch_loss=loss, lr=learning_rate(config, epoch))
                 run.finish("diverged", epoch=epoch)
@@ -220,11 +236,12 @@ def train(config, args, data, device):
                                                      seconds=time.monotonic() - started),
                        force=epoch + 1 == config["epochs"])
     seconds = time.monotonic() - started
-    summary = common.final_metrics(model, loss_fn, data, config["seed"],
-                                   measure_size=config["measure_size"],
-                                   ghost_batch=config["batch_size"], eig_tol=config["eig_tol"],
-                                   eig_max_iter=config["eig_max_iter"],
-                                   gauss_newton=True)
+    summary = common.end_of_training_metrics(model, loss_fn, data, config["seed"],
+                                            measure_size=config["measure_size"],
+                                            ghost_batch_size=config["batch_size"],
+                                            eig_tol=config["eig_tol"],
+                                            eig_max_iter=config["eig_max_iter"],
+                                            gauss_newton=True)
     status = "finished" if math.isfinite(summary["train_loss"]) else "diverged"
     run.finish(status, train_seconds=seconds, measure_seconds=time.monotonic() - started - seconds,
                **summary)
@@ -270,13 +287,26 @@ def plot(args, out):
 # ----------------------------------------------------------------------------- main
 
 
+def train_pending(args, cells):
+    """Trains every cell selected by --grid-index (all if absent) that is not finished yet,
+    keeping one data set on the device at a time."""
+    device = common.resolve_device(args.device)
+    pending = [c for c in common.selected_cells(args, cells)
+               if not common.Run(args.out, c, RUN_KEYS).done]
+    data = {}
+    for config in pending:
+        if config["dataset"] not in data:
+            data = {config["dataset"]: load_cell_data(config, args, device)}
+        train(config, args, data[config["dataset"]], device)
+
+
 def main(args):
     cells = grid_cells(args)
     if args.list_grid:
         common.print_grid(cells, RUN_KEYS)
         return
     if not args.plot_only:
-        common.train_selected_cells(args, cells, RUN_KEYS, train)
+        train_pending(args, cells)
         if args.grid_index is not None:
             return  # an array task: plotting is for --plot-only once the array is done
     runs = common.saved_runs_or_fail(args.out, cells, RUN_KEYS)

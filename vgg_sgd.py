@@ -12,7 +12,7 @@ Paper's run (real CIFAR-10 at <data-root>/cifar10.npz):
     python vgg_sgd.py --data-root /path/to/data
 One Slurm task per smoothing: python vgg_sgd.py --smoothings 0.5; then --plot-only.
 Figure 28 alone: python vgg_sgd.py --epochs 1
-GPU cost (measured on one H100, torch 2.11, fp32; benchmarks/gpu/paper_scale.json): an SGD
+GPU cost (measured on one H100 with the GPU machine's torch, fp32; benchmarks/gpu/paper_scale.json): an SGD
 epoch of VGG11 at batch 128 takes 2.5 s and one measurement (sharpness + Jacobian norm on 2500
 images) about 2.6 s, so one smoothing's 90 epochs with 78 + 89 measurements take about 12
 minutes: the default run (3 smoothings, 1 trial) about 0.6 H100-hours. The reduced-scale
@@ -39,7 +39,7 @@ Choices where the paper is silent (a careful reading, not the authors' code):
   then every --measure-every-epochs (1) epochs, and the last iteration: 79 + 89 = 168
   measurements over 90 epochs. `train_loss` is the mean minibatch loss since the previous
   measurement (label entropy subtracted).
-- Sharpness of the mean loss over the 2500 images in ghost batches of --measure-batch-size
+- Sharpness of the mean loss over the 2500 images in ghost batches of --ghost-batch-size
   (default: the training batch size), so BN sees batches as in training; Lanczos to relative
   error --eig-tol. Loss, accuracy and output norm of the subset are taken in eval mode.
 - The measurement subset and the initial weights come from the trial's seed (--seed + trial);
@@ -72,15 +72,16 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=90)
     parser.add_argument("--width", type=float, default=1.0, help="channel-width multiplier")
-    parser.add_argument("--train-subset", type=int, default=None,
-                        help="train on N random training images (default: all 50000)")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="train on N training images drawn at random with --seed "
+                             "(default: all 50000)")
     parser.add_argument("--measure-every", type=int, default=5,
                         help="iterations between measurements in the first epoch")
     parser.add_argument("--measure-every-epochs", type=int, default=1,
                         help="epochs between measurements after the first epoch")
     parser.add_argument("--measure-size", type=int, default=2500,
                         help="training images (fixed random subset) for the measurements")
-    parser.add_argument("--measure-batch-size", type=int, default=None,
+    parser.add_argument("--ghost-batch-size", type=int, default=None,
                         help="ghost batch for the sharpness (default: --batch-size)")
     parser.add_argument("--eig-tol", type=float, default=1e-3,
                         help="relative error of the sharpness estimate (Lanczos)")
@@ -89,20 +90,20 @@ def parse_args(argv=None):
                         help="least time between checkpoints (taken at measurements)")
     # --smoke: tiny sizes on synthetic data, in their own folder; options given explicitly win
     smoke = dict(out="results/vgg_sgd_smoke", dataset="synthetic-cifar10", width=0.0625,
-                 train_subset=64, batch_size=16, epochs=3, measure_every=2, measure_size=16,
+                 train_size=64, batch_size=16, epochs=3, measure_every=2, measure_size=16,
                  eig_tol=1e-2, eig_max_iter=10)
     args = common.parse_with_smoke(parser, argv, smoke)
-    if args.measure_batch_size is None:
-        args.measure_batch_size = args.batch_size
+    if args.ghost_batch_size is None:
+        args.ghost_batch_size = args.batch_size
     common.check_positive(args, "lr", "batch_size", "epochs", "width", "measure_every",
-                          "measure_every_epochs", "measure_size", "measure_batch_size",
+                          "measure_every_epochs", "measure_size", "ghost_batch_size",
                           "eig_tol", "eig_max_iter")
     common.check_unit_interval(args, "smoothings", "momentum")
     common.check(args.weight_decay >= 0, f"--weight-decay must be non-negative, got {args.weight_decay}")
     common.check(args.checkpoint_seconds >= 0,
                  f"--checkpoint-seconds must be non-negative, got {args.checkpoint_seconds}")
-    n_train = args.train_subset or 50000
-    common.check(0 < n_train <= 50000, f"--train-subset must lie in 1..50000, got {args.train_subset}")
+    n_train = args.train_size or 50000
+    common.check(0 < n_train <= 50000, f"--train-size must lie in 1..50000, got {args.train_size}")
     common.check(args.batch_size <= n_train,
                  f"--batch-size ({args.batch_size}) exceeds the training set ({n_train})")
     common.check(args.measure_size <= n_train,
@@ -117,9 +118,9 @@ def run_configs(args):
     return [dict(dataset=args.dataset, model=args.model, smoothing=s, trial=t, seed=args.seed + t,
                  data_seed=args.seed, lr=args.lr, momentum=args.momentum,
                  weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
-                 width=args.width, train_subset=args.train_subset,
+                 width=args.width, train_size=args.train_size,
                  measure_every=args.measure_every, measure_every_epochs=args.measure_every_epochs,
-                 measure_size=args.measure_size, measure_batch_size=args.measure_batch_size,
+                 measure_size=args.measure_size, ghost_batch_size=args.ghost_batch_size,
                  eig_tol=args.eig_tol, eig_max_iter=args.eig_max_iter, standardise="channel",
                  batch_norm=True)
             for s in args.smoothings for t in range(args.trials)]
@@ -130,9 +131,9 @@ def run_configs(args):
 
 def load_inputs(args, device):
     """Training images standardised per RGB channel (statistics of all 50000 images), a
-    --train-subset of them drawn from --seed."""
+    --train-size of them drawn at random with --seed."""
     return common.load_data(args.dataset, args.data_root, device=device, standardise="channel",
-                            train_size=args.train_subset, train_seed=args.seed, test_size=0,
+                            train_size=args.train_size, train_seed=args.seed, test_size=0,
                             download=args.download)
 
 
@@ -212,8 +213,8 @@ def train(config, args, data, device):
         if step % per_epoch == 0:
             perm = torch.randperm(n_train, generator=order).to(device)
         batch = perm[(step % per_epoch) * config["batch_size"]:][:config["batch_size"]]
-        loss, _ = common.gradient_descent_step(model, optimizer, loss_fn, data.x_train[batch],
-                                               data.y_train[batch])
+        loss, _ = common.train_step(model, optimizer, loss_fn, data.x_train[batch],
+                                    data.y_train[batch])
         if not math.isfinite(loss):
             run.log(step, epoch=step / per_epoch, train_loss=math.nan)
             run.finish("diverged", step=step)
@@ -233,11 +234,12 @@ def train(config, args, data, device):
 
 def measure(model, loss_fn, x, y, config, num_classes):
     """Sharpness, Jacobian norm, output norm, loss and accuracy on the measurement subset."""
-    row = common.sharpening_measurements(model, loss_fn, x, y,
-                                         ghost_batch_size=config["measure_batch_size"],
-                                         tol=config["eig_tol"], max_iter=config["eig_max_iter"],
-                                         with_output_norm=True)
-    loss, accuracy = common.evaluate(model, loss_fn, x, y, config["measure_batch_size"])
+    row = common.progressive_sharpening_metrics(model, loss_fn, x, y,
+                                                ghost_batch_size=config["ghost_batch_size"],
+                                                tol=config["eig_tol"],
+                                                max_iter=config["eig_max_iter"],
+                                                with_output_norm=True)
+    loss, accuracy = common.evaluate(model, loss_fn, x, y, config["ghost_batch_size"])
     return {"loss": common.excess_loss(loss, config["smoothing"], num_classes),
             "accuracy": accuracy, **row}
 
@@ -254,10 +256,10 @@ def plot(args, runs):
     """Figure 28 (first epoch, every measurement) and, if any run is longer than one epoch,
     Figure 29 (the whole run). A line style per smoothing, mean +- std over trials."""
     per_epoch = runs[0]["result"].get("steps_per_epoch") or steps_per_epoch(
-        runs[0]["config"], args.train_subset or 50000)
+        runs[0]["config"], args.train_size or 50000)
     trials = len({r["config"]["trial"] for r in runs})
-    scale = "" if args.width == 1 and args.train_subset is None else \
-        f", width {args.width:g}, {args.train_subset or 50000} images"
+    scale = "" if args.width == 1 and args.train_size is None else \
+        f", width {args.width:g}, {args.train_size or 50000} images"
     title = f"{args.model}, SGD batch {args.batch_size}, lr {args.lr:g}{scale}: {trials} trial(s)"
     figures = [("fig28_first_epoch", [within(r, per_epoch) for r in runs], "first epoch",
                 ("jacobian",))]
@@ -265,7 +267,7 @@ def plot(args, runs):
         figures.append(("fig29_all_epochs", runs, "all epochs", ("jacobian", "output_norm")))
     paths = []
     for stem, shown, span, logs in figures:
-        fig = common.plot_runs(shown, list(METRIC_LABELS), "smoothing", labels=METRIC_LABELS,
+        fig, _ = common.plot_runs(shown, list(METRIC_LABELS), "smoothing", labels=METRIC_LABELS,
                                style_label="smoothing", log_metrics=logs,
                                xlabel=f"iteration ({per_epoch} per epoch)",
                                title=f"{title}, {span}")

@@ -1,9 +1,9 @@
 """Benchmarks: our estimators and training loops side by side with PyHessian, curvlinops, plain
-power iteration and a torchvision DataLoader loop (issue 6; not an appendix section).
+power iteration and a torchvision DataLoader loop (not an appendix section).
 
 On one model and one real CIFAR-10 batch, in one process, it measures:
   - sharpness (top Hessian eigenvalue): ours (common.sharpness, defaults; and with a purely
-    random start, as before the gradient start was added) vs PyHessian (`hessian(...)
+    random start, without the gradient mixed in) vs PyHessian (`hessian(...)
     .eigenvalues()`, its defaults; and at tol 1e-5) vs curvlinops (HessianLinearOperator + scipy
     eigsh, defaults) vs a plain double-backward power method: wall time, Hessian-vector products
     (HVPs) and relative error against a float64 reference (ARPACK Lanczos, tol 1e-10, on the
@@ -483,8 +483,8 @@ def bench_training(data, args, device):
                               batch_norm=True).train()
     optimizer = common.sgd(model, lr=0.01, momentum=0.9)
     g = torch.Generator().manual_seed(args.seed)
-    loops = {"full-batch step, tensors (ours)": lambda: common.gradient_descent_step(
-        model, optimizer, F.cross_entropy, x, y, args.chunk_size),
+    loops = {"full-batch step, tensors (ours)": lambda: common.train_step(
+        model, optimizer, F.cross_entropy, x, y, ghost_batch_size=args.chunk_size),
         "SGD epoch, tensors (ours)": lambda: sgd_epoch_tensors(
             model, optimizer, x, y, args.sgd_batch_size, g)}
     for workers in args.workers:
@@ -511,7 +511,7 @@ def train_on_batch(model, x, y, steps, lr):
     sharpening), the regime in which the paper tracks it. Returns the final loss and accuracy."""
     optimizer = common.sgd(model, lr)
     for _ in range(steps):
-        loss, accuracy = common.gradient_descent_step(model, optimizer, F.cross_entropy, x, y)
+        loss, accuracy = common.train_step(model, optimizer, F.cross_entropy, x, y)
     optimizer.zero_grad(set_to_none=True)
     return dict(steps=steps, lr=lr, loss=loss, accuracy=accuracy)
 
@@ -588,7 +588,7 @@ def fmt(v, spec=".3g"):
 
 def markdown(results):
     m, c = results["machine"], results["config"]
-    lines = ["# Benchmarks (issue 6)", "",
+    lines = ["# Benchmarks", "",
              f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
              f"device {m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}; torch {m['torch']}, "
              f"python {m['python']}, scipy {m['scipy']}, pyhessian {m['pyhessian']}, "

@@ -77,8 +77,8 @@ def time_model(name, data, args, device):
     model.train()
     row = {"model": name, "parameters": sum(p.numel() for p in model.parameters())}
 
-    row["full_batch_step_s"], _ = seconds(lambda: common.gradient_descent_step(
-        model, optimizer, loss_fn, x, y, args.ghost_batch_size), device)
+    row["full_batch_step_s"], _ = seconds(lambda: common.train_step(
+        model, optimizer, loss_fn, x, y, ghost_batch_size=args.ghost_batch_size), device)
 
     xm, ym = x[:args.measure_size], y[:args.measure_size]
     ghost = [(xm[s], ym[s]) for s in common.index_chunks(len(xm), args.ghost_batch_size)]

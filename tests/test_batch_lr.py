@@ -77,7 +77,7 @@ def test_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(common.Run, "checkpoint", checkpoint_then_die)
     args = tiny(tmp_path / "killed", "--grid-index", "0", "--max-iterations", "6",
-                "--checkpoint-every", "1e-9")
+                "--checkpoint-seconds", "1e-9")
     with pytest.raises(KeyboardInterrupt):
         batch_lr.main(batch_lr.parse_args(args))
     monkeypatch.setattr(common.Run, "checkpoint", real_checkpoint)

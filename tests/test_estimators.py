@@ -70,7 +70,7 @@ def regression_batches(sizes, shape, outputs=3, seed=0):
 
 
 class batch_stats_mode:
-    """Reference BN handling, written independently of common._MeasureMode: train-mode BN
+    """Reference BN handling, written independently of common.MeasureMode: train-mode BN
     without running statistics, dropout off."""
 
     def __init__(self, model, train):

@@ -114,7 +114,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     (["--models", "vgg12"], "invalid choice"),
     (["--lrs", "-0.1"], "--lrs must be positive"),
     (["--smoothings", "1.5"], "--smoothings must lie in [0, 1]"),
-    (["--train-subset", "100", "--measure-size", "200"], "exceeds the training set"),
+    (["--train-size", "100", "--measure-size", "200"], "exceeds the training set"),
     (["--trial-index", "5"], "--trial-index must lie in 0..4"),
     (["--dataset", "cifar10", "--data-root", "/nonexistent"], "not found"),
 ])
@@ -142,7 +142,7 @@ def test_plot_only_redraws_from_saved_results(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.json")} == saved
 
 
-def test_sharpening_measurements_are_pure_and_match_their_definitions():
+def test_progressive_sharpening_metrics_are_pure_and_match_their_definitions():
     torch.manual_seed(0)
     model = common.build_model("vgg11", width=0.0625)
     x, y = torch.randn(12, 3, 32, 32), torch.randint(0, 10, (12,))
@@ -153,7 +153,7 @@ def test_sharpening_measurements_are_pure_and_match_their_definitions():
     loss_fn(model(x), y).backward()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads = [p.grad.clone() for p in model.parameters()]
-    row = common.sharpening_measurements(model, loss_fn, x, y, ghost_batch_size=6,
+    row = common.progressive_sharpening_metrics(model, loss_fn, x, y, ghost_batch_size=6,
                                          with_output_norm=True)
     assert model.training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

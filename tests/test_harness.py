@@ -102,7 +102,7 @@ def test_ghost_batch_gradient_equals_full_batch_gradient():
     loss_fn(model(x), y).backward()
     reference = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    loss, acc = common.full_batch_gradient(model, loss_fn, x, y, chunk_size=5)  # 5,5,5,5,3
+    loss, acc = common.ghost_batch_gradient(model, loss_fn, x, y, ghost_batch_size=5)  # 5,5,5,5,3
     for p, g in zip(model.parameters(), reference):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
     assert loss == pytest.approx(loss_fn(model(x), y).item(), rel=1e-12)
@@ -113,7 +113,7 @@ def test_ghost_batches_use_their_own_batch_norm_statistics():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
     x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
-    common.full_batch_gradient(model, F.cross_entropy, x, y, chunk_size=4)
+    common.ghost_batch_gradient(model, F.cross_entropy, x, y, ghost_batch_size=4)
     ghost = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     for s in (slice(0, 4), slice(4, 8)):
@@ -132,7 +132,7 @@ def test_label_entropy_is_the_minimum_of_smoothed_cross_entropy(smoothing, class
 
 def test_regression_targets_give_no_accuracy():
     model = nn.Linear(1, 1)
-    _, acc = common.full_batch_gradient(model, F.mse_loss, torch.randn(5, 1), torch.randn(5, 1))
+    _, acc = common.ghost_batch_gradient(model, F.mse_loss, torch.randn(5, 1), torch.randn(5, 1))
     assert acc is None
 
 
@@ -202,7 +202,7 @@ def toy_run(out, steps=12, interrupt_at=None):
     for step in range(start, steps):
         if step == interrupt_at:
             raise Interrupt
-        loss, acc = common.gradient_descent_step(model, optimizer, F.cross_entropy, x, y, 7)
+        loss, acc = common.train_step(model, optimizer, F.cross_entropy, x, y, ghost_batch_size=7)
         run.log(step, loss=loss, noise=torch.rand(()).item())  # RNG use must resume too
         executed += 1
         if step % 4 == 3:
@@ -278,7 +278,7 @@ def test_plots_regenerate_from_saved_results(tmp_path):
                 run.log(step, loss=1 / (step + 1 + trial), sharpness=scale * step)
             run.finish()
     runs = [common.load_run(d) for d in sorted(tmp_path.iterdir())]
-    fig = common.plot_runs(runs, ["loss", "sharpness"], "scale", log_metrics=("loss",))
+    fig, panels = common.plot_runs(runs, ["loss", "sharpness"], "scale", log_metrics=("loss",))
     paths = common.save_figure(fig, tmp_path / "plots" / "figure")
     assert [p.suffix for p in paths] == [".png", ".pdf"]
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].read_bytes()[:4] == b"%PDF"

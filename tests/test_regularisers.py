@@ -110,7 +110,7 @@ def test_sam_with_rho_zero_is_the_plain_sgd_step():
     opt_b = common.sgd(b, 0.1, momentum=0.9, weight_decay=5e-4)
     loss_fn = common.cross_entropy(0.1)
     for _ in range(3):
-        loss, accuracy = common.sam_step(a, opt_a, loss_fn, x, y, rho=0.0)
+        loss, accuracy = common.train_step(a, opt_a, loss_fn, x, y, rho=0.0)
         opt_b.zero_grad()
         reference = loss_fn(b(x), y)
         reference.backward()
@@ -120,7 +120,7 @@ def test_sam_with_rho_zero_is_the_plain_sgd_step():
         assert torch.equal(p, q), name
 
 
-def test_sam_step_uses_the_gradient_at_the_perturbed_point():
+def test_train_step_with_rho_uses_the_gradient_at_the_perturbed_point():
     x, y = torch.randn(10, 12, dtype=torch.float64), torch.randint(0, 3, (10,))
     model, rho, lr = small_net(1, batch_norm=False), 0.05, 0.1
     loss_fn = common.cross_entropy()
@@ -132,7 +132,7 @@ def test_sam_step_uses_the_gradient_at_the_perturbed_point():
     g = torch.func.grad(loss_at)(params)
     norm = torch.sqrt(sum((v ** 2).sum() for v in g.values()))
     g_sam = torch.func.grad(loss_at)({k: params[k] + rho * g[k] / norm for k in params})
-    common.sam_step(model, common.sgd(model, lr), loss_fn, x, y, rho=rho)
+    common.train_step(model, common.sgd(model, lr), loss_fn, x, y, rho=rho)
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), params[k] - lr * g_sam[k])
 
@@ -140,7 +140,7 @@ def test_sam_step_uses_the_gradient_at_the_perturbed_point():
 def test_sam_perturbed_pass_leaves_bn_running_statistics_alone():
     x, y = torch.randn(10, 12, dtype=torch.float64), torch.randint(0, 3, (10,))
     a, b = small_net(2), small_net(2)
-    common.sam_step(a, common.sgd(a, 0.1), common.cross_entropy(), x, y, rho=0.1)
+    common.train_step(a, common.sgd(a, 0.1), common.cross_entropy(), x, y, rho=0.1)
     b.train()
     b(x)  # one forward pass: what the running statistics should have seen
     for key in ("2.running_mean", "2.running_var", "2.num_batches_tracked"):
@@ -152,7 +152,7 @@ def test_sam_skips_the_step_when_the_loss_is_not_finite():
     model = small_net(3, batch_norm=False)
     before = [p.detach().clone() for p in model.parameters()]
     x = torch.full((4, 12), math.inf, dtype=torch.float64)
-    loss, _ = common.sam_step(model, common.sgd(model, 0.1), common.cross_entropy(), x,
+    loss, _ = common.train_step(model, common.sgd(model, 0.1), common.cross_entropy(), x,
                               torch.zeros(4, dtype=torch.long), rho=0.05)
     assert not math.isfinite(loss)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -85,7 +85,7 @@ def test_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
     original_init = common.Run.__init__
     monkeypatch.setattr(common.Run, "__init__",
                         lambda self, *a, **k: original_init(self, *a, **{**k, "checkpoint_seconds": 0.0}))
-    step = common.gradient_descent_step
+    step = common.train_step
     calls = []
 
     def interrupted(*a, **k):
@@ -93,10 +93,10 @@ def test_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
         if len(calls) == 5:  # step 4: the last checkpoint was after step 3
             raise Interrupt
         return step(*a, **k)
-    monkeypatch.setattr(common, "gradient_descent_step", interrupted)
+    monkeypatch.setattr(common, "train_step", interrupted)
     with pytest.raises(Interrupt):
         small_network.main(args(tmp_path / "resumed"))
-    monkeypatch.setattr(common, "gradient_descent_step", step)
+    monkeypatch.setattr(common, "train_step", step)
     run_dir = next(d for d in (tmp_path / "resumed").iterdir() if d.name != "plots")
     assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "result.json").exists()
     small_network.main(args(tmp_path / "resumed"))
@@ -108,7 +108,7 @@ def test_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv,message", [
     (["--lr", "-0.2"], "--lr must be positive, got -0.2"),
     (["--activations", "swish"], "invalid choice: 'swish'"),
-    (["--measure-size", "6000"], "--measure-size (6000) must not exceed --train-size (5000)"),
+    (["--measure-size", "6000"], "--measure-size (6000) must not exceed --train-first (5000)"),
     (["--dataset", "cifar10"], "data set cifar10 not found at"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):

@@ -80,7 +80,7 @@ def test_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
         raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
     monkeypatch.setattr(common.Run, "checkpoint", checkpoint_then_die)
-    args = tiny(tmp_path / "killed", "--epochs", "3", "--milestones", "2", "--checkpoint-every", "1e-9")
+    args = tiny(tmp_path / "killed", "--epochs", "3", "--milestones", "2", "--checkpoint-seconds", "1e-9")
     with pytest.raises(KeyboardInterrupt):
         tr.main(tr.parse_args(args))
     monkeypatch.setattr(common.Run, "checkpoint", real_checkpoint)

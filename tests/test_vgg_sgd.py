@@ -89,7 +89,7 @@ def test_killed_run_continues_from_its_checkpoint(tmp_path):
     (["--smoothings", "0", "-0.1"], "--smoothings must lie in [0, 1]"),
     (["--momentum", "1.2"], "--momentum must lie in [0, 1]"),
     (["--epochs", "0"], "--epochs must be positive"),
-    (["--train-subset", "100", "--batch-size", "128"], "exceeds the training set"),
+    (["--train-size", "100", "--batch-size", "128"], "exceeds the training set"),
     (["--dataset", "cifar10", "--data-root", "/nonexistent"], "not found"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):

@@ -1,0 +1,36 @@
+"""Shared code for the reproduction of "On progressive sharpening, flat minima and
+generalisation" (MacDonald, Valmadre, Lucey). `import common` gives every name below.
+
+Where each name lives:
+  estimators    sharpness, gauss_newton_norm, jacobian_norm, hessian_operator,
+                gauss_newton_operator, top_eigenvalues, EigenResult, MeasureMode, no_tf32.
+                Self-contained (torch and the standard library): copy the file.
+  data          DATASETS, Data, load_data, load_arrays, subset_indices, standardisation stats.
+  models        MLP (ReLU / tanh / Gaussian), VGG11, ResNet18, MODELS, build_model.
+  training      losses, ghost_batch_gradient, train_step (GD, SGD, SAM), evaluate, augment, mixup.
+  measurements  progressive_sharpening_metrics (Figs 1, 6-11, 28-29), end_of_training_metrics
+                (Figs 2-5, 12-27), excess_loss, output_norm.
+  runs          Run directories, atomic JSON/torch saving, checkpoints, loading saved runs.
+  cli           the shared flags, --smoke, one-line errors (exit 2), device, progress bars.
+  sweeps        grids of cells, --list-grid / --grid-index, Kendall tau.
+  plotting      mean +- std bands, sweep panels, save_figure.
+"""
+from .cli import (ArgumentParser, check, check_common, check_positive, check_unit_interval, fail,
+                  make_parser, parse_with_smoke, progress, resolve_device, saved_runs_or_fail)
+from .data import (DATASETS, STANDARDISATIONS, Data, dataset_path, download_dataset,
+                   is_synthetic, load_arrays, load_data, missing_data_message,
+                   standardisation_stats, subset_indices, synthetic_arrays, to_images)
+from .estimators import (BN_TYPES, DROPOUT_TYPES, EigenResult, MeasureMode,
+                         gauss_newton_norm, gauss_newton_operator, hessian_operator,
+                         jacobian_norm, no_tf32, sharpness, top_eigenvalues)
+from .measurements import (end_of_training_metrics, excess_loss, output_norm,
+                           progressive_sharpening_metrics)
+from .models import (ACTIVATIONS, INITS, MLP, MODELS, VGG11, VGG11_CONFIG, BasicBlock, Gaussian,
+                     ResNet18, build_model)
+from .plotting import LINESTYLES, mean_std, new_figure, plot_band, plot_runs, plot_sweep, save_figure
+from .runs import (Run, atomic_write, config_hash, load_json, load_run, load_saved, metric_series,
+                   restore_training_state, run_name, save_json, save_torch, training_state)
+from .sweeps import (add_grid_flags, check_grid_index, grid, kendall_tau, print_grid,
+                     selected_cells, sweep_correlations, unique_configs)
+from .training import (augment, cross_entropy, evaluate, ghost_batch_gradient, index_chunks,
+                       label_entropy, mixup, sgd, shuffled_batches, train_step)

@@ -1,0 +1,97 @@
+"""Measurements: what the figures plot.
+
+- `progressive_sharpening_metrics` (Figures 1, 6-11 of fullbatch.py and 28-29 of vgg_sgd.py): sharpness,
+  softmax Jacobian norm (and output norm) on a fixed training subset during training.
+- `end_of_training_metrics` (Figures 2-5, 12-27 of batch_lr.py and train_regularisers.py):
+  losses, gap, sharpness, Gauss-Newton norm and Jacobian norm of a trained model.
+"""
+import math
+
+import torch
+
+from .data import subset_indices
+from .estimators import MeasureMode, gauss_newton_norm, jacobian_norm, sharpness
+from .training import evaluate, index_chunks, label_entropy
+
+def excess_loss(loss, smoothing, num_classes):
+    """Cross entropy minus the label entropy: 0 at a perfect fit for every smoothing, so losses
+    with different smoothings share one axis (the paper's Figure 1 and Section 5)."""
+    return loss - label_entropy(smoothing, num_classes)
+
+
+@torch.no_grad()
+def output_norm(model, x, batch_size=None):
+    """Frobenius norm ||f(X)||_F of the (N, K) logits over the inputs x, in eval mode (BN running
+    statistics, as for the Jacobian norm), in chunks of `batch_size`; the model's mode is
+    restored and nothing is written."""
+    total = 0.0
+    with MeasureMode(model, "eval"):
+        for s in index_chunks(len(x), batch_size):
+            total += model(x[s]).double().square().sum().item()
+    return math.sqrt(total)
+
+
+def progressive_sharpening_metrics(model, loss_fn, x, y, *, ghost_batch_size=None, tol=1e-3,
+                                   max_iter=100, with_output_norm=False):
+    """One point of the progressive-sharpening curves (Figures 1, 6-11 and 28-29), measured on a
+    fixed training subset (x, y) during training.
+
+    sharpness: top Hessian eigenvalue of the mean loss over (x, y), BN in train mode with each
+        ghost batch of `ghost_batch_size` examples normalised by its own statistics (Lanczos,
+        relative error `tol`; `sharpness_matvecs` products were used).
+    jacobian: largest spectral norm over x of d softmax(f(x)) / dx, BN in eval mode.
+    output_norm (if asked): Frobenius norm of the (N, K) logits, eval mode.
+    Pure: parameters, buffers, `.grad` and training flags are left as they were.
+
+    Returns:
+        dict of floats.
+    """
+    batches = [(x[s], y[s]) for s in index_chunks(len(x), ghost_batch_size)]
+    info = sharpness(model, loss_fn, batches, tol=tol, max_iter=max_iter, return_info=True)
+    row = {"sharpness": info.eigenvalues[0], "sharpness_matvecs": info.matvecs,
+           "jacobian": jacobian_norm(model, x, softmax=True)}
+    if with_output_norm:
+        row["output_norm"] = output_norm(model, x, ghost_batch_size)
+    return row
+
+
+# --- regularisers: augmentation, mixup, SAM (train_regularisers.py, batch_lr.py) ---------------
+#
+# All randomness comes from an explicit CPU torch.Generator (so a checkpoint can save its state
+# and a resumed run draws the same numbers); the draws are small and moved to the data's device,
+# the images never leave it.
+import contextlib
+
+
+
+def end_of_training_metrics(model, loss_fn, data, seed, *, measure_size, ghost_batch_size,
+                            eig_tol=1e-4, eig_max_iter=100, gauss_newton=False,
+                            batch_size=1000):
+    """The end-of-training point of a sweep cell (Figures 2-5 and 12-27), on clean data, without
+    weight decay.
+
+    train_loss / test_loss / *_accuracy: eval mode over the whole splits; gap = |test - train|
+    (the paper's generalisation gap). On `measure_size` training examples drawn with `seed`
+    (the model's seed): sharpness (and the Gauss-Newton norm if asked) of `loss_fn` with BN in
+    train mode over ghost batches of `ghost_batch_size`, and the softmax Jacobian norm in eval
+    mode. Whole-split losses are evaluated in chunks of `batch_size` (memory only).
+
+    Returns:
+        dict of floats.
+    """
+    train_loss, train_accuracy = evaluate(model, loss_fn, data.x_train, data.y_train, batch_size)
+    test_loss, test_accuracy = evaluate(model, loss_fn, data.x_test, data.y_test, batch_size)
+    idx = subset_indices(len(data.x_train), measure_size, seed).to(data.x_train.device)
+    x, y = data.x_train[idx], data.y_train[idx]  # (M, C, H, W), (M,)
+    batches = [(x[s], y[s]) for s in index_chunks(len(x), ghost_batch_size)]
+    out = dict(train_loss=train_loss, test_loss=test_loss, gap=abs(test_loss - train_loss),
+               train_accuracy=train_accuracy, test_accuracy=test_accuracy)
+    if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
+        return out
+    out["sharpness"] = sharpness(model, loss_fn, batches, tol=eig_tol, max_iter=eig_max_iter)
+    if gauss_newton:
+        out["gauss_newton"] = gauss_newton_norm(model, loss_fn, batches, tol=eig_tol,
+                                                max_iter=eig_max_iter)
+    out["jacobian"] = jacobian_norm(model, x, softmax=True)
+    return out
+

@@ -1,0 +1,135 @@
+"""Plotting: mean +- std bands over trials from saved runs, sweep panels, figure saving (PNG and
+PDF, atomically). matplotlib's object API (Figure, no pyplot): no global backend is set."""
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .runs import atomic_write, metric_series
+
+# Line styles tell settings apart (colours do too, but a printed figure may be grey).
+LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
+
+
+def mean_std(series):
+    """Mean and std over trials of curves measured at (possibly different) steps.
+
+    Args:
+        series: list of (steps, values) pairs, one per trial.
+    Returns:
+        steps (union, sorted), mean, std (numpy, ddof=0), count: trials with a finite value at
+        each step. A trial that stopped early (diverged) leaves the later means to the rest.
+    """
+    steps = np.unique(np.concatenate([np.asarray(s) for s, _ in series])) if series else np.array([])
+    table = np.full((len(series), len(steps)), np.nan)
+    for i, (s, v) in enumerate(series):
+        table[i, np.searchsorted(steps, s)] = v
+    count = np.isfinite(table).sum(0)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN, quietly
+        mean, std = np.nanmean(table, 0), np.nanstd(table, 0)
+    return steps, mean, std, count
+
+
+def plot_band(ax, series, label=None, linestyle="-", color=None):
+    """Draws the mean over trials as a line and mean +- std as a shaded band."""
+    steps, mean, std, _ = mean_std(series)
+    (line,) = ax.plot(steps, mean, linestyle=linestyle, color=color, label=label)
+    ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    return line
+
+
+def new_figure(nrows=1, ncols=1, panel_size=(3.6, 2.8)):
+    """(Figure, 2-D array of axes), without pyplot."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(panel_size[0] * ncols, panel_size[1] * nrows), layout="constrained")
+    axes = np.asarray(fig.subplots(nrows, ncols, squeeze=False))
+    return fig, axes
+
+
+def save_figure(fig, stem, dpi=110):
+    """Writes `<stem>.png` and `<stem>.pdf` atomically; returns their paths."""
+    paths = []
+    for ext in ("png", "pdf"):
+        path = Path(f"{stem}.{ext}")
+        atomic_write(path, lambda f: fig.savefig(f, format=ext, dpi=dpi))
+        paths.append(path)
+    return paths
+
+
+def plot_runs(runs, metrics, style_key, *, labels=None, style_label=None, title=None,
+              xlabel="iteration", log_metrics=(), ncols=None):
+    """One panel per metric; one line (mean +- std over the runs sharing a setting) per value
+    of config[style_key], told apart by line style. Reads only loaded runs (see load_run).
+
+    Args:
+        runs: loaded runs (trials of several settings).
+        metrics: metric names, one panel each. labels: metric name -> axis label.
+        style_key: the config key whose values get a line style each.
+        log_metrics: metrics drawn on a log scale. ncols: panels per row (all in one row if None).
+    Returns:
+        (Figure, {metric: its Axes}).
+    """
+    labels = labels or {}
+    settings = sorted({r["config"][style_key] for r in runs})
+    ncols = ncols or len(metrics)
+    fig, axes = new_figure(math.ceil(len(metrics) / ncols), ncols)
+    for ax in axes.flat[len(metrics):]:
+        fig.delaxes(ax)  # unused panels of the last row
+    for ax, metric in zip(axes.flat, metrics):
+        for i, value in enumerate(settings):
+            trials = [metric_series(r, metric) for r in runs if r["config"][style_key] == value]
+            plot_band(ax, trials, label=f"{style_label or style_key} = {value}",
+                      linestyle=LINESTYLES[i % len(LINESTYLES)], color=f"C{i}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(labels.get(metric, metric))
+        if metric in log_metrics:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return fig, dict(zip(metrics, axes.flat))
+
+
+def plot_sweep(ax, runs, x_key, style_key, metric, *, style_label=None, log_x=False, log_y=False):
+    """One panel: end-of-training `metric` against config[x_key], a line (mean +- std over
+    trials, markers at the measured points) per value of config[style_key]. Cells that diverged
+    are drawn as an 'x' at the top edge of the panel above their x, in their line's colour."""
+    from matplotlib.transforms import blended_transform_factory
+    top = blended_transform_factory(ax.transData, ax.transAxes)
+    for i, style in enumerate(sorted({r["config"][style_key] for r in runs})):
+        mine = [r for r in runs if r["config"][style_key] == style]
+        xs = sorted({r["config"][x_key] for r in mine})
+        stats = []
+        for xv in xs:
+            values = [r["result"].get(metric) for r in mine
+                      if r["config"][x_key] == xv and r["result"]["status"] == "finished"]
+            values = np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+            values = values[np.isfinite(values)]
+            if len(values):
+                stats.append((xv, values.mean(), values.std()))
+        color = f"C{i}"
+        if stats:
+            sx, mean, std = map(np.array, zip(*stats))
+            ax.plot(sx, mean, linestyle=LINESTYLES[i % len(LINESTYLES)], marker=".", color=color,
+                    label=f"{style_label or style_key} = {style:g}")
+            ax.fill_between(sx, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+        diverged = sorted({r["config"][x_key] for r in mine if r["result"]["status"] == "diverged"})
+        if diverged:
+            ax.plot(diverged, [0.97] * len(diverged), "x", color=color, transform=top,
+                    clip_on=False, label=f"diverged ({style_label or style_key} = {style:g})")
+    if log_x:  # ticks at the swept values, labelled plainly (64, 128, ... not 10^2)
+        from matplotlib.ticker import NullFormatter
+        ax.set_xscale("log")
+        values = sorted({r["config"][x_key] for r in runs})
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:  # few, compact ticks: weight decays like 0.0005 would otherwise collide
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)

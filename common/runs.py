@@ -1,0 +1,193 @@
+"""Runs: one directory per run with its resolved config, metrics and result, atomic saving,
+checkpoints and resume, and loading saved runs for plotting (`--plot-only`)."""
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+def atomic_write(path, write, mode="wb"):
+    """Writes a file by `write(f)` on a temporary file next to it, then os.replace: readers see
+    the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh name opened with "x" (not mkstemp, whose files are private 0600): the file gets
+    # the permissions any other file written here would get.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        with open(tmp, mode.replace("w", "x")) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _jsonable(obj):
+    """Non-finite floats become None (strict JSON has no NaN); tensors and numpy become lists."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return _jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def save_json(path, obj):
+    """Atomically writes obj as JSON (NaN and inf stored as null)."""
+    text = json.dumps(_jsonable(obj), indent=1, allow_nan=False)
+    atomic_write(path, lambda f: f.write(text + "\n"), mode="w")
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_torch(path, obj):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def config_hash(config):
+    """8 hex digits identifying a resolved config (key order does not matter)."""
+    text = json.dumps(_jsonable(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def run_name(config, keys):
+    """Directory name of a run: the `keys` settings readable, then a hash of the whole config,
+    e.g. "activation=relu_scale=0.5_trial=0-3f2a9c1e". Two configs differing anywhere (say a
+    smoke run and the paper's run) never share a directory."""
+    def fmt(v):
+        return f"{v:g}" if isinstance(v, float) else str(v)
+    readable = "_".join(f"{k}={fmt(config[k])}" for k in keys)
+    readable = "".join(c if c.isalnum() or c in "=._-" else "-" for c in readable)
+    return f"{readable}-{config_hash(config)}"
+
+
+class Run:
+    """One run's directory: config.json, metrics.json, checkpoint.pt while running, result.json
+    when over (finished or diverged). All writes are atomic.
+
+    Use:
+        run = Run(out, config, keys=("activation", "trial"))
+        if run.done: return run.load()           # finished earlier: skip
+        state = run.begin()                      # None, or the last checkpoint's state
+        ... run.log(step, loss=...); run.checkpoint(lambda: {...}) ...
+        run.finish("finished" or "diverged", **summary)
+    """
+
+    def __init__(self, out, config, keys, checkpoint_seconds=300.0):
+        self.config = dict(config)
+        self.dir = Path(out) / run_name(self.config, keys)
+        self.metrics = []
+        self.checkpoint_seconds = checkpoint_seconds
+        self._last_checkpoint = time.monotonic()
+
+    @property
+    def done(self):
+        return (self.dir / "result.json").exists()
+
+    def begin(self, device="cpu"):
+        """Creates the directory and config.json (resolved config, seed, torch version, device);
+        returns the last checkpoint's state dict, restoring the metrics logged up to it, or None."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = {"config": self.config, "seed": self.config.get("seed"), "torch": torch.__version__,
+                "device": str(device), "python": sys.version.split()[0], "argv": sys.argv,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if (self.dir / "config.json").exists():  # resuming: keep the first record, note the restart
+            old = load_json(self.dir / "config.json")
+            meta = {**old, "resumed": old.get("resumed", []) + [
+                {"device": str(device), "torch": torch.__version__, "at": meta["started"]}]}
+        save_json(self.dir / "config.json", meta)
+        self._last_checkpoint = time.monotonic()
+        path = self.dir / "checkpoint.pt"
+        if not path.exists():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        self.metrics = saved["metrics"]
+        return saved["state"]
+
+    def log(self, step, **metrics):
+        """Records metrics measured at `step` (floats; NaN is kept as None, as JSON stores it)."""
+        self.metrics.append({"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}})
+
+    def checkpoint(self, state, force=False):
+        """Saves state() (e.g. model and optimizer state dicts, next step) with the metrics so far,
+        if `checkpoint_seconds` have passed since the last save or force; returns whether it did."""
+        if not force and time.monotonic() - self._last_checkpoint < self.checkpoint_seconds:
+            return False
+        save_torch(self.dir / "checkpoint.pt", {"state": state(), "metrics": self.metrics})
+        save_json(self.dir / "metrics.json", self.metrics)
+        self._last_checkpoint = time.monotonic()
+        return True
+
+    def finish(self, status="finished", **summary):
+        """Writes metrics.json and result.json (status: "finished" or "diverged", plus summary);
+        the checkpoint is then deleted. A rerun skips a run with result.json."""
+        save_json(self.dir / "metrics.json", self.metrics)
+        save_json(self.dir / "result.json", {"status": status, **summary,
+                                             "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+        (self.dir / "checkpoint.pt").unlink(missing_ok=True)
+
+    def load(self):
+        return load_run(self.dir)
+
+
+def training_state(next_step, model, optimizer=None, **extra):
+    """What a checkpoint needs to continue a run exactly: the next step, model and optimizer
+    state dicts, torch's RNG state, and any extra picklable items."""
+    return {"step": next_step, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "rng": torch.get_rng_state(), **extra}
+
+
+def restore_training_state(state, model, optimizer=None):
+    """Loads a `training_state` into model and optimizer; returns the step to continue from."""
+    model.load_state_dict(state["model"])
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state["step"]
+
+
+def load_run(run_dir):
+    """A saved run as {"dir", "config", "meta", "metrics", "result"}; NaN stored as null comes
+    back as NaN in metrics."""
+    run_dir = Path(run_dir)
+    meta = load_json(run_dir / "config.json")
+    metrics = load_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else []
+    metrics = [{k: (math.nan if v is None else v) for k, v in m.items()} for m in metrics]
+    result = load_json(run_dir / "result.json") if (run_dir / "result.json").exists() else None
+    return {"dir": run_dir, "config": meta["config"], "meta": meta, "metrics": metrics, "result": result}
+
+
+def load_saved(out, configs, keys):
+    """The saved runs (finished or diverged) of these configs, in order; runs not saved (yet)
+    are left out. Plotting reads results through this alone, so `--plot-only` needs no training."""
+    runs = [Run(out, config, keys) for config in configs]
+    return [run.load() for run in runs if run.done]
+
+
+def metric_series(run, name):
+    """(steps, values) numpy arrays of one metric of a loaded run, NaN where it was not finite."""
+    rows = [m for m in run["metrics"] if name in m]
+    steps = np.array([m["step"] for m in rows], dtype=np.int64)
+    values = np.array([math.nan if m[name] is None else m[name] for m in rows], dtype=np.float64)
+    return steps, values
+

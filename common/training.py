@@ -1,0 +1,219 @@
+"""Training: losses, the ghost-batch gradient, the one optimiser step every script takes
+(`train_step`), evaluation, and the regularisers' batch transforms (augmentation, mixup).
+
+All randomness comes from an explicit CPU torch.Generator (so a checkpoint can save its state
+and a resumed run draws the same numbers); the draws are small and moved to the data's device,
+the images never leave it.
+"""
+import contextlib
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .estimators import BN_TYPES
+
+def label_entropy(smoothing, num_classes):
+    """Entropy of a label-smoothed one-hot target, H(q) with q = (1 - s) e_y + s / K.
+
+    Cross entropy against q is H(q) + KL(q || p) >= H(q), so reporting `loss - label_entropy`
+    makes losses with different smoothings comparable (0 at a perfect fit).
+    """
+    s, k = float(smoothing), int(num_classes)
+    probs = [1 - s + s / k] + [s / k] * (k - 1)
+    return -sum(p * math.log(p) for p in probs if p > 0)
+
+
+def cross_entropy(smoothing=0.0):
+    """loss_fn(outputs (N, K), labels (N,)) -> mean cross entropy with label smoothing."""
+    def loss_fn(outputs, labels):
+        return F.cross_entropy(outputs, labels, label_smoothing=smoothing)
+    return loss_fn
+
+
+def index_chunks(n, size=None):
+    """Slices covering range(n) in order, each of at most `size` (all of it if None)."""
+    size = n if size is None else max(1, int(size))
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def ghost_batch_gradient(model, loss_fn, x, y, ghost_batch_size=None):
+    """Accumulates into `.grad` the gradient of the mean loss over all of (x, y).
+
+        grad (1/N) sum_i l_i = sum_k (n_k / N) grad mean_{i in ghost batch k} l_i
+
+    so each ghost batch's mean loss is weighted by its size. The model keeps its mode: in train
+    mode a BN net normalises each ghost batch with its own statistics [Cohen et al. 2021].
+
+    Returns:
+        (mean loss, accuracy) over the data as floats; accuracy is None unless y holds class
+        indices. Gradients add to existing `.grad` (zero them first).
+    """
+    n = len(x)
+    total_loss, correct = 0.0, 0
+    for s in index_chunks(n, ghost_batch_size):
+        outputs = model(x[s])
+        loss = loss_fn(outputs, y[s])
+        (loss * ((s.stop - s.start) / n)).backward()
+        total_loss += loss.item() * (s.stop - s.start)
+        if not y.is_floating_point():
+            correct += (outputs.argmax(1) == y[s]).sum().item()
+    return total_loss / n, (correct / n if not y.is_floating_point() else None)
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, x, y, batch_size=None):
+    """(mean loss, accuracy) of the model on (x, y) in eval mode, without gradients, in chunks
+    of `batch_size` examples (memory only: eval-mode outputs do not depend on the chunking).
+    The model's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    n = len(x)
+    total_loss, correct = 0.0, 0
+    for s in index_chunks(n, batch_size):
+        outputs = model(x[s])
+        total_loss += loss_fn(outputs, y[s]).item() * (s.stop - s.start)
+        if not y.is_floating_point():
+            correct += (outputs.argmax(1) == y[s]).sum().item()
+    model.train(was_training)
+    return total_loss / n, (correct / n if not y.is_floating_point() else None)
+
+
+def sgd(model, lr, momentum=0.0, weight_decay=0.0):
+    """torch.optim.SGD over the model's parameters: v <- mu v + g + wd w; w <- w - lr v."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def train_step(model, optimizer, loss_fn, x, y, *, ghost_batch_size=None, rho=0.0):
+    """One optimiser step on the mean loss over (x, y), the model in train mode.
+
+    (x, y) is the whole training set for full-batch gradient descent, or one minibatch for
+    SGD; either way it is split into ghost batches of `ghost_batch_size` (BN statistics per
+    ghost batch; None: one batch). With rho > 0 the step is sharpness-aware minimisation
+    [Foret et al. 2021]:
+
+        g = grad L(w),  e = rho g / ||g||,  step with grad L(w + e)
+
+    The optimizer (momentum, weight decay, learning rate) steps from w with that gradient; the
+    perturbed pass leaves BN running statistics alone (they track w, not w + e). The step is
+    skipped when the loss is not finite.
+
+    Returns:
+        (loss at w, accuracy at w) as floats; accuracy is None for probability targets.
+    """
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss, accuracy = ghost_batch_gradient(model, loss_fn, x, y, ghost_batch_size)
+    if not math.isfinite(loss):
+        return loss, accuracy
+    if rho > 0:
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        scale = rho / norm.clamp_min(1e-12)
+        with torch.no_grad():
+            shifts = [p.grad * scale for p in params]
+            for p, e in zip(params, shifts):
+                p.add_(e)
+        optimizer.zero_grad(set_to_none=True)
+        with _frozen_bn_statistics(model):
+            ghost_batch_gradient(model, loss_fn, x, y, ghost_batch_size)
+        with torch.no_grad():
+            for p, e in zip(params, shifts):
+                p.sub_(e)
+    optimizer.step()
+    return loss, accuracy
+
+
+def shuffled_batches(n, batch_size, generator, drop_last=False):
+    """Index tensors of one epoch: a random permutation of range(n) cut into batches.
+
+    Args:
+        n: number of examples. batch_size: examples per batch (the last may be smaller unless
+            drop_last). generator: CPU torch.Generator driving the permutation.
+    Returns:
+        list of (b,) int64 CPU tensors.
+    """
+    order = torch.randperm(n, generator=generator)
+    batches = list(torch.split(order, batch_size))
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def augment(x, p, generator, pad=4):
+    """Standard CIFAR augmentation, each image independently with probability p.
+
+    An augmented image is zero-padded by `pad` pixels on every side, cropped back to its size at
+    a uniformly random offset, and flipped left-right with probability 1/2; the others are
+    returned unchanged (offset `pad`, no flip). Zero is the mean colour of standardised data.
+
+    Args:
+        x: (N, C, H, W) images on any device. p: probability in [0, 1].
+        generator: CPU torch.Generator (draws: N uniforms, N x 2 offsets, N flips, always, so
+            the stream does not depend on p).
+    Returns:
+        (N, C, H, W) tensor on x's device.
+    """
+    n, c, h, w = x.shape
+    apply = torch.rand(n, generator=generator) < p  # (N,)
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)  # (N, 2) top, left
+    flips = torch.rand(n, generator=generator) < 0.5  # (N,)
+    offsets[~apply] = pad
+    flips &= apply
+    padded = F.pad(x, (pad, pad, pad, pad))  # (N, C, H + 2 pad, W + 2 pad)
+    rows = (torch.arange(h)[None] + offsets[:, :1])  # (N, H)
+    cols = torch.arange(w)[None].expand(n, w)
+    cols = torch.where(flips[:, None], cols.flip(1), cols) + offsets[:, 1:]  # (N, W)
+    rows, cols = rows.to(x.device), cols.to(x.device)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def mixup(x, labels, beta, num_classes, generator):
+    """Mixup [Zhang et al. 2018] with one coefficient per example.
+
+    Example i becomes (1 - theta_i) (x_i, y_i) + theta_i (x_j, y_j), j = pi(i) for a random
+    permutation pi of the batch, theta_i ~ Beta(beta, beta); beta = 0 is the limit
+    Bernoulli(1/2) (each example replaced by itself or its partner, unmixed).
+
+    Args:
+        x: (N, ...) inputs. labels: (N,) class indices. beta: >= 0. num_classes: K.
+        generator: CPU torch.Generator (the Beta draws use numpy seeded from it).
+    Returns:
+        (mixed x (N, ...), soft targets (N, K) float) on x's device; the targets work with
+        `cross_entropy`, which accepts probability targets (and smooths them).
+    """
+    n = len(x)
+    partner = torch.randperm(n, generator=generator)
+    if beta == 0:
+        theta = (torch.rand(n, generator=generator) < 0.5).double()
+    else:
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+        theta = torch.from_numpy(np.random.default_rng(seed).beta(beta, beta, size=n))
+    theta = theta.to(x.device, x.dtype)  # (N,)
+    partner = partner.to(x.device)
+    onehot = F.one_hot(labels, num_classes).to(x.dtype)  # (N, K)
+    t = theta.view(-1, *[1] * (x.dim() - 1))
+    mixed = (1 - t) * x + t * x[partner]
+    targets = (1 - theta[:, None]) * onehot + theta[:, None] * onehot[partner]
+    return mixed, targets
+
+
+@contextlib.contextmanager
+def _frozen_bn_statistics(model):
+    """Context: BN layers normalise with batch statistics as usual but leave their running
+    statistics as they were (momentum 0 makes the update r <- (1 - 0) r + 0 * batch_stat)."""
+    bns = [m for m in model.modules() if isinstance(m, BN_TYPES) and m.momentum is not None]
+    saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
