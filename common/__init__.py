@@ -9,7 +9,7 @@ Where each name lives:
   models        MLP (ReLU / tanh / Gaussian), VGG11, ResNet18, MODELS, build_model.
   training      losses, ghost_batch_gradient, train_step (GD, SGD, SAM), evaluate, augment, mixup.
   measurements  progressive_sharpening_metrics (Figs 1, 6-11, 28-29), end_of_training_metrics
-                (Figs 2-5, 12-27), excess_loss, output_norm.
+                (Figs 2-5, 12-27), bn_mode_jacobian_norms (Theorem A.1), excess_loss.
   runs          Run directories, atomic JSON/torch saving, checkpoints, loading saved runs.
   cli           the shared flags, --smoke, one-line errors (exit 2), device, progress bars.
   sweeps        grids of cells, --list-grid / --grid-index, Kendall tau.
@@ -23,8 +23,8 @@ from .data import (DATASETS, STANDARDISATIONS, Data, dataset_path, download_data
 from .estimators import (BN_TYPES, DROPOUT_TYPES, EigenResult, MeasureMode,
                          gauss_newton_norm, gauss_newton_operator, hessian_operator,
                          jacobian_norm, no_tf32, sharpness, top_eigenvalues)
-from .measurements import (end_of_training_metrics, excess_loss, output_norm,
-                           progressive_sharpening_metrics)
+from .measurements import (bn_mode_jacobian_norms, end_of_training_metrics, excess_loss,
+                           output_norm, progressive_sharpening_metrics)
 from .models import (ACTIVATIONS, INITS, MLP, MODELS, VGG11, VGG11_CONFIG, BasicBlock, Gaussian,
                      ResNet18, build_model)
 from .plotting import LINESTYLES, mean_std, new_figure, plot_band, plot_runs, plot_sweep, save_figure

@@ -95,3 +95,44 @@ def end_of_training_metrics(model, loss_fn, data, seed, *, measure_size, ghost_b
     out["jacobian"] = jacobian_norm(model, x, softmax=True)
     return out
 
+
+
+def bn_mode_jacobian_norms(model, x, batch_sizes, *, samples=16, seed=0, softmax=True):
+    """Per-sample softmax Jacobian norms with BatchNorm in train mode, for several batch sizes,
+    beside the eval-mode norms of the same samples (Theorem A.1: the two agree as the batch
+    grows; the paper measures the Jacobian in eval mode, the Hessian in train mode).
+
+    In train mode sample i's output depends on the whole batch through its statistics, so its
+    Jacobian is J_i = d g(X)_i / d x_i with the other B - 1 inputs held fixed (the statistics
+    still move with x_i). Each of the first `samples` inputs of x is put in a batch of B with
+    B - 1 others drawn at random (seeded); J_i takes C backward passes. Running statistics,
+    parameters and training flags are left as they were.
+
+    Returns:
+        {"eval": [norm per sample], B: {"train": [norm per sample], "max_relative_difference":
+        max_i |train_i - eval_i| / eval_i, "relative_difference_of_max": |max train - max eval| /
+        max eval}} for each B in batch_sizes.
+    """
+    n = len(x)
+    generator = torch.Generator().manual_seed(seed)
+    eval_norms = jacobian_norm(model, x[:samples], softmax=softmax, return_per_sample=True)
+    out = {"eval": eval_norms.tolist()}
+    for b in batch_sizes:
+        norms = []
+        for i in range(samples):
+            others = torch.randperm(n - 1, generator=generator)[:b - 1] + 1  # never i itself
+            others = torch.where(others <= i, others - 1, others)
+            batch = torch.cat([x[i:i + 1], x[others.to(x.device)]]).detach().requires_grad_(True)
+            with MeasureMode(model, "train"), torch.enable_grad():
+                g = model(batch)  # (B, C)
+                g = torch.softmax(g, dim=1) if softmax else g
+                rows = [torch.autograd.grad(g[0, c], batch, retain_graph=c + 1 < g.shape[1])[0][0]
+                        for c in range(g.shape[1])]
+            jac = torch.stack([r.reshape(-1) for r in rows]).double()  # (C, D)
+            norms.append(torch.linalg.matrix_norm(jac, ord=2).item())
+        train = torch.tensor(norms, dtype=torch.float64)
+        out[b] = {"train": norms,
+                  "max_relative_difference": ((train - eval_norms).abs() / eval_norms).max().item(),
+                  "relative_difference_of_max":
+                      abs(train.max().item() - eval_norms.max().item()) / eval_norms.max().item()}
+    return out
