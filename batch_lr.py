@@ -9,6 +9,8 @@ every 100 iterations; training stops once the mean of the last 10 such losses is
 model's seed. The paper's finding: larger learning rates and smaller batches give smaller
 sharpness, Jacobian norm and gap, except ResNet18 at lr 0.1 (Jacobian falls while the gap rises).
 
+Paper's run, all cells in one process:
+    python batch_lr.py --data-root DATA
 Paper's sweep: 2 models x 2 data sets x 3 lr x 5 batch sizes x 5 trials = 300 cells, one per
 Slurm array task (see slurm/batch_lr.sbatch):
     python batch_lr.py --list-grid                        # the cells

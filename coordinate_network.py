@@ -65,24 +65,31 @@ RUN_KEYS = ("activation", "init")
 def parse_args(argv=None):
     parser = common.make_parser(__doc__, trials=10, out="results/coordinate_network")
     parser.add_argument("--activations", nargs="+", default=["gaussian", "relu"],
+                        help="MLP activations (a table each)",
                         choices=["gaussian", "relu"])
-    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--hidden-width", type=int, default=256,
+                        help="units per hidden layer")
     parser.add_argument("--sigma", type=float, default=0.1, help="Gaussian activation width")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--gaussian-epochs", type=int, default=EPOCHS["gaussian"])
-    parser.add_argument("--relu-epochs", type=int, default=EPOCHS["relu"])
+    parser.add_argument("--gaussian-epochs", type=int, default=EPOCHS["gaussian"],
+                        help="full-batch epochs of the Gaussian networks")
+    parser.add_argument("--relu-epochs", type=int, default=EPOCHS["relu"],
+                        help="full-batch epochs of the ReLU networks")
     parser.add_argument("--low-freq-std", type=float, default=0.1,
                         help="std of the Gaussian net's low-frequency first layer")
     parser.add_argument("--pretrain-steps", type=int, default=5000,
                         help="Adam steps fitting sin(6 pi x) for the ReLU high-frequency init")
-    parser.add_argument("--pretrain-lr", type=float, default=1e-4)
-    parser.add_argument("--pretrain-points", type=int, default=128)
+    parser.add_argument("--pretrain-lr", type=float, default=1e-4,
+                        help="Adam learning rate of the high-frequency ReLU pretraining")
+    parser.add_argument("--pretrain-points", type=int, default=128,
+                        help="points of sin(6 pi x) the high-frequency ReLU init is pretrained on")
     parser.add_argument("--log-every", type=int, default=100, help="epochs between loss records")
-    smoke = dict(out="results/coordinate_network_smoke", trials=2, width=16, gaussian_epochs=100,
+    smoke = dict(out="results/coordinate_network_smoke", trials=2, hidden_width=16,
+                 gaussian_epochs=100,
                  relu_epochs=150, pretrain_steps=100, log_every=50)
     args = common.parse_with_smoke(parser, argv, smoke)
-    common.check_positive(args, "width", "sigma", "lr", "gaussian_epochs", "relu_epochs",
+    common.check_positive(args, "hidden_width", "sigma", "lr", "gaussian_epochs", "relu_epochs",
                           "low_freq_std", "pretrain_steps", "pretrain_lr", "pretrain_points",
                           "log_every")
     common.check(0 <= args.momentum < 1, f"--momentum must lie in [0, 1), got {args.momentum}")
@@ -97,7 +104,7 @@ def run_configs(args):
         if activation not in args.activations:
             continue
         config = dict(activation=activation, init=init, trials=args.trials, seed=args.seed,
-                      width=args.width, depth=4, lr=args.lr, momentum=args.momentum,
+                      width=args.hidden_width, depth=4, lr=args.lr, momentum=args.momentum,
                       epochs=args.gaussian_epochs if activation == "gaussian" else args.relu_epochs,
                       log_every=args.log_every)
         if activation == "gaussian":

@@ -47,14 +47,15 @@ METRIC_LABELS = {"loss": "training loss", "accuracy": "training accuracy", "shar
 def parse_args(argv=None):
     parser = common.make_parser(__doc__, trials=5, out="results/small_network")
     parser.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS))
-    parser.add_argument("--activations", nargs="+", default=["relu", "tanh"],
+    parser.add_argument("--activations", nargs="+", default=["relu", "tanh"], help="a figure each",
                         choices=list(common.ACTIVATIONS))
     parser.add_argument("--scales", nargs="+", type=float, default=[0.5, 1.0, 1.5],
                         help="factors multiplying the standardised inputs")
-    parser.add_argument("--width", type=int, default=200)
+    parser.add_argument("--hidden-width", type=int, default=200,
+                        help="units per hidden layer")
     parser.add_argument("--depth", type=int, default=3, help="number of linear layers")
     parser.add_argument("--lr", type=float, default=0.2)
-    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--iterations", type=int, default=300, help="full-batch gradient steps")
     parser.add_argument("--train-first", type=int, default=5000,
                         help="train on the first N training images (the paper's choice)")
     parser.add_argument("--measure-every", type=int, default=10, help="iterations between measurements")
@@ -63,9 +64,10 @@ def parse_args(argv=None):
     parser.add_argument("--ghost-batch-size", type=int, default=5000,
                         help="examples per ghost batch of the gradient pass (memory; the MLP has no BN)")
     smoke = dict(out="results/small_network_smoke", trials=2, train_first=200, measure_size=100,
-                 iterations=6, measure_every=3, width=32)
+                 iterations=6, measure_every=3, hidden_width=32)
     args = common.parse_with_smoke(parser, argv, smoke)
-    common.check_positive(args, "scales", "width", "depth", "lr", "iterations", "train_first",
+    common.check_positive(args, "scales", "hidden_width", "depth", "lr", "iterations",
+                          "train_first",
                           "measure_every", "measure_size", "ghost_batch_size")
     common.check(args.train_first <= 50000, f"--train-first must be at most 50000, got {args.train_first}")
     common.check(args.measure_size <= args.train_first,
@@ -77,7 +79,7 @@ def parse_args(argv=None):
 def run_configs(args):
     """One resolved config per (activation, scale, trial): everything that defines a run."""
     return [dict(dataset=args.dataset, activation=activation, scale=scale, trial=trial,
-                 seed=args.seed + trial, width=args.width, depth=args.depth, lr=args.lr,
+                 seed=args.seed + trial, width=args.hidden_width, depth=args.depth, lr=args.lr,
                  iterations=args.iterations, train_first=args.train_first,
                  measure_every=args.measure_every, measure_size=args.measure_size,
                  ghost_batch_size=args.ghost_batch_size, standardise="component", init="default")
@@ -174,7 +176,7 @@ def plot(args, runs):
         trials = len({r["config"]["trial"] for r in mine})
         fig, panels = common.plot_runs(mine, list(METRIC_LABELS), "scale", labels=METRIC_LABELS,
                                style_label="input scale", log_metrics=("loss",), ncols=3,
-                               title=f"{activation} MLP, width {args.width}, lr {args.lr:g}: "
+                               title=f"{activation} MLP, width {args.hidden_width}, lr {args.lr:g}: "
                                      f"mean ± std over {trials} trials")
         ax = panels["sharpness"]
         ax.axhline(2 / args.lr, color="grey", linewidth=0.8, linestyle=":")

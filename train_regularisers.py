@@ -12,6 +12,8 @@ mode, ghost batches of 128), softmax Jacobian norm (same examples, eval mode), t
 validation (test-split) accuracy. The paper's finding: every regulariser lowers the Jacobian
 norm with the gap, while only SAM lowers sharpness.
 
+Paper's run, all cells in one process:
+    python train_regularisers.py --data-root DATA
 Paper's sweep (one cell per Slurm array task, see slurm/train_regularisers.sbatch):
     python train_regularisers.py --list-grid                        # the cells
     python train_regularisers.py --grid-index $SLURM_ARRAY_TASK_ID  # one cell
@@ -76,16 +78,22 @@ def parse_args(argv=None):
     parser.add_argument("--datasets", nargs="+", default=["cifar10", "cifar100"],
                         choices=list(common.DATASETS))
     parser.add_argument("--models", nargs="+", default=["vgg11", "resnet18"], choices=list(common.MODELS))
-    parser.add_argument("--batch-norm", nargs="+", default=["without", "with"], choices=list(BATCH_NORM))
-    parser.add_argument("--sweeps", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
+    parser.add_argument("--batch-norm", nargs="+", default=["without", "with"], choices=list(BATCH_NORM),
+                        help="networks with and/or without BatchNorm (a figure each)")
+    parser.add_argument("--sweeps", nargs="+", default=list(SWEEPS), choices=list(SWEEPS),
+                        help="regularisers to sweep (a figure row each)")
     parser.add_argument("--lrs", nargs="+", type=float, default=[0.1, 0.01],
                         help="initial learning rates (a line style each)")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="outside the weight-decay sweep")
-    parser.add_argument("--weight-decays", nargs="+", type=float, default=[0.0, 1e-4, 5e-4, 1e-3])
+    parser.add_argument("--weight-decays", nargs="+", type=float, default=[0.0, 1e-4, 5e-4, 1e-3],
+                        help="weight decays of the weight-decay sweep")
     parser.add_argument("--smoothings", nargs="+", type=float, default=[0.0, 0.1, 0.2, 0.4, 0.6])
-    parser.add_argument("--mixup-betas", nargs="+", type=float, default=[0.0, 0.1, 0.2, 0.5, 1.0])
-    parser.add_argument("--augment-ps", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    parser.add_argument("--sam-rhos", nargs="+", type=float, default=[0.0, 0.01, 0.02, 0.05, 0.1])
+    parser.add_argument("--mixup-betas", nargs="+", type=float, default=[0.0, 0.1, 0.2, 0.5, 1.0],
+                        help="mixup Beta(beta, beta) parameters (0: Bernoulli(1/2), as in the paper)")
+    parser.add_argument("--augment-ps", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                        help="probabilities of augmenting an image (crop and flip)")
+    parser.add_argument("--sam-rhos", nargs="+", type=float, default=[0.0, 0.01, 0.02, 0.05, 0.1],
+                        help="SAM radii rho (0: plain SGD)")
     parser.add_argument("--epochs", type=int, default=90)
     parser.add_argument("--milestones", nargs="*", type=int, default=[50, 80],
                         help="epochs after which the learning rate is divided by 10")

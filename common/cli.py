@@ -18,18 +18,81 @@ def fail(msg, prog=None):
     sys.exit(2)
 
 
+# One text per flag name: a flag means the same in every script that takes it. A script passes
+# its own help only for flags that are its own.
+FLAG_HELP = {
+    "--dataset": "data set (synthetic-*: a generated stand-in of the same shapes)",
+    "--datasets": "data sets (synthetic-*: generated stand-ins of the same shapes)",
+    "--model": "network", "--models": "networks",
+    "--lr": "learning rate", "--lrs": "learning rates (a run or line style each)",
+    "--smoothings": "label smoothings alpha: targets (1 - alpha) y + alpha / K",
+    "--momentum": "heavy-ball momentum of SGD",
+    "--weight-decay": "L2 weight decay of SGD",
+    "--batch-size": "examples per SGD minibatch", "--batch-sizes": "SGD minibatch sizes",
+    "--epochs": "passes over the training set",
+    "--width": "channel-width multiplier of the network (1: the paper's)",
+    "--train-size": "train on N training images drawn at random with --seed (default: all)",
+    "--test-size": "test on N test images drawn at random with --seed (default: all)",
+    "--ghost-batch-size": "examples per ghost batch: BatchNorm statistics and gradient chunk",
+    "--measure-size": "training images (fixed random subset) for sharpness and Jacobian norm",
+    "--eig-tol": "relative error target of the top-eigenvalue (sharpness) estimates",
+    "--eig-max-iter": "most Lanczos steps per top-eigenvalue estimate",
+    "--checkpoint-seconds": "least seconds between checkpoints of a running run",
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                    argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's and epilog's line breaks; shows each flag's default once: not for
+    flags off by default, not where the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors (argparse's own error prints the usage too)."""
+    """argparse with one-line errors (argparse's own error prints the usage too) and the shared
+    help text of FLAG_HELP for flags added without one."""
 
     def error(self, message):
         fail(message, self.prog)
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        group.add_argument = _with_shared_help(group.add_argument)
+        return group
+
+    def add_argument(self, *args, **kwargs):
+        return _with_shared_help(super().add_argument)(*args, **kwargs)
+
+
+def _with_shared_help(add_argument):
+    def add(*args, **kwargs):
+        if kwargs.get("help") is None and args and args[-1] in FLAG_HELP:
+            kwargs["help"] = FLAG_HELP[args[-1]]
+        return add_argument(*args, **kwargs)
+    return add
+
+
+def paper_command(doc):
+    """The "Paper's run" lines of a script's docstring (for --help)."""
+    lines = doc.strip().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("Paper's")), None)
+    if start is None:
+        return None
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith(" ")),
+               len(lines))
+    return "\n".join(lines[start:end])
 
 
 def make_parser(doc, *, trials, out):
     """A parser with the shared flags: --device, --data-root, --out, --trials, --seed, --smoke,
     --plot-only. Scripts add their own flags (paper settings as defaults) to it."""
-    parser = ArgumentParser(description=doc.strip().splitlines()[0],
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=doc.strip().split("\n\n")[0],
+                            epilog=paper_command(doc), formatter_class=HelpFormatter)
     g = parser.add_argument_group("shared")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: cuda if available, else cpu")

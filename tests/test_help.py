@@ -1,0 +1,44 @@
+"""--help of every script: each flag has a help text and shows its default at most once; the
+description names the paper figures and the epilog gives the paper-scale command."""
+import argparse
+import importlib
+import re
+
+import pytest
+
+SCRIPTS = {"fullbatch": "Figure", "vgg_sgd": "Figures 28", "small_network": "Figures 30",
+           "coordinate_network": "Figure 32", "batch_lr": "Figures 3", "train_regularisers": "Figures 2"}
+
+
+def script_parser(script, monkeypatch):
+    """The parser a script's parse_args builds (captured at its first parse)."""
+    captured = []
+
+    def capture(self, *args, **kwargs):
+        captured.append(self)
+        raise SystemExit(0)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        importlib.import_module(script).parse_args([])
+    return captured[0]
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_every_flag_has_help_and_shows_its_default_once(script, monkeypatch):
+    parser = script_parser(script, monkeypatch)
+    formatter = parser._get_formatter()
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) >= 12
+    for action in flags:
+        assert action.help and action.help.strip(), f"{script} {action.option_strings} has no help"
+        shown = formatter._expand_help(action)
+        assert shown.count("default") <= 1, f"{script} {action.option_strings}: {shown}"
+        if not any(action.default is v for v in (None, False)):
+            assert "default" in shown, f"{script} {action.option_strings}: {shown}"
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_description_names_figures_and_epilog_the_paper_command(script, monkeypatch):
+    text = script_parser(script, monkeypatch).format_help()
+    assert SCRIPTS[script] in text.split("options:")[0]
+    assert re.search(rf"Paper's run.*\n\s+python {script}\.py", text), text[-400:]
