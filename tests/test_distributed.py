@@ -193,7 +193,8 @@ def test_share_splits_unevenly(monkeypatch):
 def test_fullbatch_smoke_two_ranks_matches_one_process(tmp_path):
     # 3 uneven ghost batches (24, 24, 16) per step, 2 measurement ghost batches (24, 16)
     flags = ["--smoke", "--trials", "1", "--smoothings", "0", "--ghost-batch-size", "24",
-             "--measure-size", "40", "--no-progress"]
+             "--measure-size", "40", "--max-iterations", "2", "--measure-every", "1",
+             "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for out, launch in (("one", []), ("two", ["-m", "torch.distributed.run", "--nnodes=1",
                                               "--nproc_per_node=2", "--master_addr=127.0.0.1",
