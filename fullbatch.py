@@ -26,7 +26,8 @@ iteration counts to 99% accuracy were not measured; if they are 2000 / 4000 / 80
 The reduced-scale Figure 1 in plots/fullbatch (VGG11 width 1/8, 500 images, 3 trials, 9 runs of
 about 100 iterations) took 11 minutes on 2 shared CPU cores; command in plots/README.md.
 Smoke run (synthetic data, seconds): python fullbatch.py --smoke
-Data-parallel on K GPUs (or CPU processes): torchrun --standalone --nproc_per_node=K fullbatch.py ...
+Data-parallel on K GPUs (or CPU processes):
+    torchrun --standalone --nproc_per_node=K fullbatch.py ...
     each step's ghost batches (and the measurements' ghost batches and Jacobian inputs) are
     split across the ranks; rank 0 writes; results as in one process up to float rounding.
 

@@ -96,7 +96,8 @@ def main():
               "ideal_s": ideal, "speedup": one / many["step"]}
     print(f"VGG11 width {args.width:g}, {params} parameters, {args.train_size} images in {ghost} "
           f"ghost batches, gloo on {os.cpu_count()} CPU cores, 1 thread per process")
-    print(f"| processes | step (s) | all-reduce (s) | ideal (s) | speedup |\n| --- | --- | --- | --- | --- |")
+    print("| processes | step (s) | all-reduce (s) | ideal (s) | speedup |\n"
+          "| --- | --- | --- | --- | --- |")
     print(f"| 1 | {one:.3f} | - | - | 1.00 |")
     print(f"| {args.ranks} | {many['step']:.3f} | {many['allreduce']:.4f} | {ideal:.3f} | "
           f"{one / many['step']:.2f} |")

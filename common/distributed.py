@@ -91,7 +91,9 @@ def shared_bn_statistics(model, start, stop, total, group):
         yield
     except BaseException:
         for m, (mean, var, tracked) in zip(bns, saved):
-            m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(tracked)
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(tracked)
         raise
     if not bns:
         return

@@ -140,7 +140,9 @@ class Run:
     def checkpoint(self, state, force=False):
         """Saves state() (e.g. model and optimizer state dicts, next step) with the metrics so far,
         if `checkpoint_seconds` have passed since the last save or force; returns whether it did."""
-        if not self.writer or not force and time.monotonic() - self._last_checkpoint < self.checkpoint_seconds:
+        if not self.writer:
+            return False
+        if not force and time.monotonic() - self._last_checkpoint < self.checkpoint_seconds:
             return False
         save_torch(self.dir / "checkpoint.pt", {"state": state(), "metrics": self.metrics})
         save_json(self.dir / "metrics.json", self.metrics)
