@@ -26,6 +26,10 @@ iteration counts to 99% accuracy were not measured; if they are 2000 / 4000 / 80
 The reduced-scale Figure 1 in plots/fullbatch (VGG11 width 1/8, 500 images, 3 trials, 9 runs of
 about 100 iterations) took 11 minutes on 2 shared CPU cores; command in plots/README.md.
 Smoke run (synthetic data, seconds): python fullbatch.py --smoke
+Data-parallel on K GPUs (or CPU processes):
+    torchrun --standalone --nproc_per_node=K fullbatch.py ...
+    each step's ghost batches (and the measurements' ghost batches and Jacobian inputs) are
+    split across the ranks; rank 0 writes; results as in one process up to float rounding.
 
 Writes, under --out (default results/fullbatch):
     <model=..._lr=..._smoothing=..._trial=...-hash>/{config,metrics,result}.json  one per run
@@ -178,46 +182,49 @@ def make_model(config, num_classes, device):
 # ----------------------------------------------------------------------------- training loop
 
 
-def train(config, args, data, device):
+def train(config, args, data, device, group=None):
     """Trains one run (resuming from its checkpoint, or skipping it if saved); returns it loaded.
 
     Per iteration t: the gradient pass at the current parameters gives loss and accuracy of t;
     then, if t is the last iteration (fixed length, or the target accuracy reached) or a
     measurement iteration, sharpness and Jacobian norm are measured at the same parameters;
-    then the update is applied unless t is the last.
+    then the update is applied unless t is the last. With a torchrun `group` the ranks share
+    the ghost batches and the measurements; rank 0 alone writes, every rank resumes from its
+    checkpoint.
     """
-    run = common.Run(args.out, config, RUN_KEYS, checkpoint_seconds=args.checkpoint_seconds)
+    run = common.Run(args.out, config, RUN_KEYS, checkpoint_seconds=args.checkpoint_seconds,
+                     writer=common.is_main(group))
     if run.done:
         return run.load()
     model = make_model(config, data.num_classes, device)
     optimizer = common.sgd(model, config["lr"])
     loss_fn = common.cross_entropy(config["smoothing"])
     x_measure, y_measure = measurement_subset(data, config)
-    state = run.begin(device)
+    state = run.begin(device, world_size=common.world_size(group))
     start = common.restore_training_state(state, model, optimizer) if state else 0
     fixed = config.get("iterations")
     last = fixed if fixed is not None else config["max_iterations"]
     label = f"{config['model']} lr={config['lr']:g} s={config['smoothing']:g} trial={config['trial']}"
-    bar = common.progress(total=last + 1, initial=start, desc=label, disable=args.no_progress)
+    bar = common.progress(total=last + 1, initial=start, desc=label,
+                          disable=args.no_progress or not common.is_main(group))
     model.train()
     for step in range(start, last + 1):
         # The gradient pass and the update are apart (not one common.train_step): sharpness and
         # Jacobian of iteration t are measured between them, at the parameters the loss saw.
         optimizer.zero_grad(set_to_none=True)
         loss, accuracy = common.ghost_batch_gradient(model, loss_fn, data.x_train, data.y_train,
-                                                     config["ghost_batch_size"])
+                                                     config["ghost_batch_size"], group)
         row = {"loss": common.excess_loss(loss, config["smoothing"], data.num_classes),
                "accuracy": accuracy}
         if not math.isfinite(loss):
             run.log(step, **row)
-            run.finish("diverged", step=step)
-            return run.load()
+            return finish(run, group, "diverged", step=step)
         reached = fixed is None and accuracy >= config["target_accuracy"]
         final = reached or step == last
         if final or step % config["measure_every"] == 0:
             row.update(common.progressive_sharpening_metrics(
                 model, loss_fn, x_measure, y_measure, ghost_batch_size=config["ghost_batch_size"],
-                tol=config["eig_tol"], max_iter=config["eig_max_iter"]))
+                tol=config["eig_tol"], max_iter=config["eig_max_iter"], process_group=group))
         run.log(step, **row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3g}", acc=f"{accuracy:.3f}")
@@ -227,8 +234,15 @@ def train(config, args, data, device):
         if "sharpness" in row:
             run.checkpoint(lambda: common.training_state(step + 1, model, optimizer))
     bar.close()
-    run.finish("finished", iterations=step, final_loss=row["loss"], final_accuracy=accuracy,
-               reached_target=(accuracy >= config["target_accuracy"]) if fixed is None else None)
+    return finish(run, group, "finished", iterations=step, final_loss=row["loss"],
+                  final_accuracy=accuracy,
+                  reached_target=(accuracy >= config["target_accuracy"]) if fixed is None else None)
+
+
+def finish(run, group, status, **summary):
+    """Rank 0 writes the result; the others wait for it before reading the run back."""
+    run.finish(status, **summary)
+    common.barrier(group)
     return run.load()
 
 
@@ -252,16 +266,17 @@ def cell_configs(args, model, lr, trial):
     return [first] + smoothed
 
 
-def run_cell(args, data, device, model, lr, trial):
+def run_cell(args, data, device, model, lr, trial, group=None):
     """The unsmoothed run first (it sets the length), then each smoothed run."""
     first = unsmoothed_config(args, model, lr, trial)
-    iterations = iterations_of(train(first, args, data, device))
+    iterations = iterations_of(train(first, args, data, device, group))
     if iterations is None:
-        print(f"{model} lr={lr:g} trial={trial}: unsmoothed run diverged; smoothed runs skipped")
+        if common.is_main(group):
+            print(f"{model} lr={lr:g} trial={trial}: unsmoothed run diverged; smoothed runs skipped")
         return
     for s in args.smoothings:
         if s > 0:
-            train(smoothed_config(args, model, lr, trial, s, iterations), args, data, device)
+            train(smoothed_config(args, model, lr, trial, s, iterations), args, data, device, group)
 
 
 def check_unsmoothed_saved(args):
@@ -315,14 +330,16 @@ def plot(args, runs):
 def main(args):
     check_unsmoothed_saved(args)
     if not args.plot_only:
-        device = common.resolve_device(args.device)
+        group, device = common.init_from_env(common.resolve_device(args.device))
         data = None
         for model, lr, trial in cells(args):
             configs = cell_configs(args, model, lr, trial)
             pending = [c for c in configs if not common.Run(args.out, c, RUN_KEYS).done]
             if pending:  # the smoothed configs appear once the unsmoothed run is saved
                 data = data or load_inputs(args, device)
-                run_cell(args, data, device, model, lr, trial)
+                run_cell(args, data, device, model, lr, trial, group)
+        if not common.is_main(group):  # rank 0 alone reads back and plots
+            return
     runs = common.saved_runs_or_fail(args.out, requested_configs(args), RUN_KEYS)
     unreached = [common.run_name(r["config"], RUN_KEYS) for r in runs
                  if r["result"].get("reached_target") is False]

@@ -11,6 +11,8 @@ Where each name lives:
   measurements  progressive_sharpening_metrics (Figs 1, 6-11, 28-29), end_of_training_metrics
                 (Figs 2-5, 12-27), bn_mode_jacobian_norms (Theorem A.1), excess_loss.
   runs          Run directories, atomic JSON/torch saving, checkpoints, loading saved runs.
+  distributed   torchrun start-up (init_from_env), rank, world_size, is_main, barrier, share of
+                the ghost batches, the sums of a data-parallel step (gradients, BN statistics).
   cli           the shared flags, --smoke, one-line errors (exit 2), device, progress bars.
   sweeps        grids of cells, --list-grid / --grid-index, Kendall tau.
   plotting      mean +- std bands, sweep panels, save_figure.
@@ -20,6 +22,8 @@ from .cli import (ArgumentParser, check, check_common, check_positive, check_uni
 from .data import (DATASETS, STANDARDISATIONS, Data, dataset_path, download_dataset,
                    is_synthetic, load_arrays, load_data, missing_data_message,
                    standardisation_stats, subset_indices, synthetic_arrays, to_images)
+from .distributed import (all_reduce_gradients, barrier, init_from_env, is_main, rank, share,
+                          shared_bn_statistics, world_size)
 from .estimators import (BN_TYPES, DROPOUT_TYPES, EigenResult, MeasureMode,
                          gauss_newton_norm, gauss_newton_operator, hessian_operator,
                          jacobian_norm, no_tf32, sharpness, top_eigenvalues)

@@ -10,6 +10,11 @@ Copy this file into your own project: it needs only torch and the standard libra
 Contents: the measuring mode (`MeasureMode`, `no_tf32`), the Hessian and Gauss-Newton operators,
 the Lanczos and power eigen-solvers (`top_eigenvalues`, `EigenResult`), and the three estimators.
 
+Across processes (torch.distributed, e.g. launched by torchrun): pass `process_group=` (say
+`torch.distributed.group.WORLD`) and each rank its own batches (its own inputs for
+`jacobian_norm`); every rank then returns the value of one process holding all of them.
+Without it (the default) the computation is local whatever the distributed state.
+
 Why these choices (measured; see the README's "Estimators" section):
 - Hessian-vector products are reverse-over-reverse (double backward autograd) with the
   first-order graph built once per batch and reused across products. torch.func's transforms
@@ -148,6 +153,43 @@ def _check_batches(batches, model):
     return checked
 
 
+def _sum_over(group, value, device):
+    """sum over the ranks of `group` of a float (the value itself when group is None)."""
+    if group is None:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, group=group)
+    return t.item()
+
+
+def _group_batches(batches, model, group):
+    """`_check_batches`, except that a rank of a group may hold no batch; returns the batches
+    and N, their example count summed over the group."""
+    batches = list(batches)
+    if group is not None and not batches:
+        checked = []
+    else:
+        checked = _check_batches(batches, model)
+    ref = next(iter(model.parameters()))
+    total = int(_sum_over(group, sum(len(x) for x, _ in checked), ref.device))
+    if total == 0:
+        raise ValueError("batches is empty on every rank: pass at least one (x, y) pair")
+    return checked, total
+
+
+def _reduced(matvec, group):
+    """matvec followed by a sum over the group's ranks (each rank's products already carry
+    the weights n_b / N of the global N), so every rank holds the same product."""
+    if group is None:
+        return matvec
+
+    def reduced(v):
+        out = matvec(v)
+        torch.distributed.all_reduce(out, group=group)
+        return out
+    return reduced
+
+
 def _check_solver_options(k, tol, max_iter, method):
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -159,7 +201,7 @@ def _check_solver_options(k, tol, max_iter, method):
         raise ValueError(f"unknown method {method!r}; choose from {sorted(_SOLVERS)}")
 
 
-def hessian_operator(model, loss_fn, batches, reuse_graph=True):
+def hessian_operator(model, loss_fn, batches, reuse_graph=True, *, process_group=None):
     """Hessian-vector product of the mean loss over all examples in `batches`.
 
     The loss is L(theta) = sum_b (n_b / N) * loss_fn(model(x_b), y_b), with n_b the size of
@@ -174,20 +216,21 @@ def hessian_operator(model, loss_fn, batches, reuse_graph=True):
         reuse_graph: build each batch's first-order graph once and reuse it for every
             product (about 2/3 the cost of a product; memory of one double-backward graph
             per batch). False rebuilds it per product.
+        process_group: a torch.distributed group whose ranks each pass their own batches
+            (possibly none); N and every product are summed over the ranks. None: local.
 
     Returns:
         (matvec, dim): matvec(v) = H v for a flat (dim,) vector v.
     """
-    matvec, dim, _ = _hessian_operator(model, loss_fn, batches, reuse_graph)
+    matvec, dim, _ = _hessian_operator(model, loss_fn, batches, reuse_graph, process_group)
     return matvec, dim
 
 
-def _hessian_operator(model, loss_fn, batches, reuse_graph):
+def _hessian_operator(model, loss_fn, batches, reuse_graph, group=None):
     """`hessian_operator`'s (matvec, dim) and the flat mean-loss gradient (P,), read off the
     reused first-order graphs at no cost (None when reuse_graph=False)."""
-    batches = _check_batches(batches, model)
     params = _trainable_parameters(model)
-    total = sum(len(x) for x, _ in batches)
+    batches, total = _group_batches(batches, model, group)
 
     @no_tf32()
     @torch.enable_grad()
@@ -199,9 +242,13 @@ def _hessian_operator(model, loss_fn, batches, reuse_graph):
     graphs = [batch_gradient(x, y) for x, y in batches] if reuse_graph else None
     gradient = None
     if reuse_graph:
-        gradient = sum((len(x) / total) * _flatten([None if g is None else g.detach()
-                                                    for g in grads], params)
-                       for (x, _), grads in zip(batches, graphs))
+        gradient = sum(((len(x) / total) * _flatten([None if g is None else g.detach()
+                                                     for g in grads], params)
+                        for (x, _), grads in zip(batches, graphs)),
+                       torch.zeros(sum(p.numel() for p in params), device=params[0].device,
+                                   dtype=params[0].dtype) if group is not None else 0)
+        if group is not None:  # the same start vector on every rank
+            torch.distributed.all_reduce(gradient, group=group)
 
     @no_tf32()
     @torch.enable_grad()
@@ -216,7 +263,7 @@ def _hessian_operator(model, loss_fn, batches, reuse_graph):
             out += (len(x) / total) * _flatten(hv, params)
         return out
 
-    return matvec, sum(p.numel() for p in params), gradient
+    return _reduced(matvec, group), sum(p.numel() for p in params), gradient
 
 
 def _output_hessian_factor(loss_fn, outputs, targets):
@@ -229,7 +276,7 @@ def _output_hessian_factor(loss_fn, outputs, targets):
     return lambda u: torch.autograd.grad(gz, z, u, retain_graph=True)[0]
 
 
-def gauss_newton_operator(model, loss_fn, batches):
+def gauss_newton_operator(model, loss_fn, batches, *, process_group=None):
     """Gauss-Newton-vector product G v with G = (1/N) sum_i J_i^T H_i J_i.
 
     J_i is the Jacobian of example i's outputs w.r.t. the trainable parameters and H_i the
@@ -238,14 +285,13 @@ def gauss_newton_operator(model, loss_fn, batches):
     J v comes from a double vector-Jacobian product through a graph built once per batch,
     and J^T (H J v) from one vector-Jacobian product. BatchNorm is in train mode with each
     batch's own statistics (so J couples the examples of a batch); running statistics are
-    not touched.
+    not touched. `process_group`: as for `hessian_operator`.
 
     Returns:
         (matvec, dim): matvec(v) = G v for a flat (dim,) vector v.
     """
-    batches = _check_batches(batches, model)
     params = _trainable_parameters(model)
-    total = sum(len(x) for x, _ in batches)
+    batches, total = _group_batches(batches, model, process_group)
     pieces = []
     for x, y in batches:
         with MeasureMode(model, "train"), torch.enable_grad(), no_tf32():
@@ -269,7 +315,8 @@ def gauss_newton_operator(model, loss_fn, batches):
             out += (n / total) * _flatten(jthjv, params)
         return out
 
-    return no_tf32()(torch.enable_grad()(matvec)), sum(p.numel() for p in params)
+    return (_reduced(no_tf32()(torch.enable_grad()(matvec)), process_group),
+            sum(p.numel() for p in params))
 
 
 def _start_vectors(dim, k, generator, device, dtype, start=None):
@@ -439,7 +486,8 @@ def _operator_eigenvalues(operator, model, k, method, tol, max_iter, generator, 
 
 
 def sharpness(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5, max_iter=100,
-              generator=None, reuse_graph=True, gradient_start=True, return_info=False):
+              generator=None, reuse_graph=True, gradient_start=True, return_info=False,
+              process_group=None):
     """Sharpness: the largest eigenvalue of the loss Hessian w.r.t. the trainable parameters.
 
         lambda_max( d^2/dtheta^2 [ (1/N) sum_i loss(f(x_i; theta), y_i) ] )
@@ -465,28 +513,32 @@ def sharpness(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5, max_i
             al., 2018), so Lanczos needs fewer products; the random part keeps the start
             generic. Ignored when reuse_graph=False.
         return_info: return the full `EigenResult` (eigenvalues, products, convergence).
+        process_group: torch.distributed group; each rank passes its own batches (possibly
+            none) and all return the value for the union of them. The Lanczos vectors are
+            replicated (same start on every rank: pass `generator`s seeded alike).
 
     Returns:
         float (k == 1), list of floats (k > 1) or EigenResult (return_info=True).
     """
     _check_solver_options(k, tol, max_iter, method)
-    matvec, dim, gradient = _hessian_operator(model, loss_fn, batches, reuse_graph)
+    matvec, dim, gradient = _hessian_operator(model, loss_fn, batches, reuse_graph,
+                                              process_group)
     return _operator_eigenvalues((matvec, dim), model, k, method, tol, max_iter, generator,
                                  return_info, gradient if gradient_start else None)
 
 
 def gauss_newton_norm(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5,
-                      max_iter=100, generator=None, return_info=False):
+                      max_iter=100, generator=None, return_info=False, process_group=None):
     """Spectral norm of the Gauss-Newton matrix (its largest eigenvalue; G is PSD for a
     convex loss):
 
         G = (1/N) sum_i J_i^T H_i J_i,  J_i = d f(x_i) / d theta,  H_i = d^2 loss_i / d f^2
 
     Same conventions, options and returns as `sharpness` (BN in train mode with batch
-    statistics, model state untouched). See `gauss_newton_operator`.
+    statistics, model state untouched, `process_group`). See `gauss_newton_operator`.
     """
     _check_solver_options(k, tol, max_iter, method)
-    operator = gauss_newton_operator(model, loss_fn, batches)
+    operator = gauss_newton_operator(model, loss_fn, batches, process_group=process_group)
     return _operator_eigenvalues(operator, model, k, method, tol, max_iter, generator,
                                  return_info)
 
@@ -533,7 +585,7 @@ def _sample_jacobian_norms_power(out, x, tol, max_iter, generator):
 
 
 def jacobian_norm(model, x, softmax=True, *, batch_size=256, method="auto", tol=1e-6,
-                  max_iter=200, generator=None, return_per_sample=False):
+                  max_iter=200, generator=None, return_per_sample=False, process_group=None):
     """Largest input-output Jacobian spectral norm over the samples of x.
 
         max_i || d g(x_i) / d x_i ||_2,   g = softmax o model (or model, softmax=False)
@@ -551,6 +603,9 @@ def jacobian_norm(model, x, softmax=True, *, batch_size=256, method="auto", tol=
             (exact when C <= 128).
         tol, max_iter, generator: for method "power".
         return_per_sample: return the (N,) tensor of per-sample norms instead of the max.
+        process_group: torch.distributed group; each rank passes its own inputs (possibly
+            none) and all return the maximum over the union (all-reduce max). Per-sample
+            norms stay this rank's; "power" starts differ from one process's (within tol).
 
     Returns:
         float, or a float64 (N,) CPU tensor if return_per_sample.
@@ -558,7 +613,7 @@ def jacobian_norm(model, x, softmax=True, *, batch_size=256, method="auto", tol=
     if not torch.is_tensor(x) or not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got "
                          f"{getattr(x, 'dtype', type(x).__name__)}")
-    if len(x) == 0:
+    if len(x) == 0 and process_group is None:
         raise ValueError("x is empty")
     if method not in ("auto", "exact", "power"):
         raise ValueError(f"unknown method {method!r}; choose from ['auto', 'exact', 'power']")
@@ -580,6 +635,14 @@ def jacobian_norm(model, x, softmax=True, *, batch_size=256, method="auto", tol=
             else:
                 norms.append(_sample_jacobian_norms_power(out, xb, tol, max_iter,
                                                           generator).cpu())
-    norms = torch.cat(norms)
-    return norms if return_per_sample else norms.max().item()
+    norms = torch.cat(norms) if norms else torch.zeros(0, dtype=torch.float64)
+    if return_per_sample:
+        return norms
+    if process_group is None:
+        return norms.max().item()
+    # norms are >= 0, so 0 stands for a rank without inputs
+    top = torch.tensor([norms.max().item() if len(norms) else 0.0], dtype=torch.float64,
+                       device=ref.device)
+    torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=process_group)
+    return top.item()
 

@@ -10,6 +10,7 @@ import math
 import torch
 
 from .data import subset_indices
+from .distributed import share
 from .estimators import MeasureMode, gauss_newton_norm, jacobian_norm, sharpness
 from .training import evaluate, index_chunks, label_entropy
 
@@ -32,7 +33,7 @@ def output_norm(model, x, batch_size=None):
 
 
 def progressive_sharpening_metrics(model, loss_fn, x, y, *, ghost_batch_size=None, tol=1e-3,
-                                   max_iter=100, with_output_norm=False):
+                                   max_iter=100, with_output_norm=False, process_group=None):
     """One point of the progressive-sharpening curves (Figures 1, 6-11 and 28-29), measured on a
     fixed training subset (x, y) during training.
 
@@ -42,14 +43,23 @@ def progressive_sharpening_metrics(model, loss_fn, x, y, *, ghost_batch_size=Non
     jacobian: largest spectral norm over x of d softmax(f(x)) / dx, BN in eval mode.
     output_norm (if asked): Frobenius norm of the (N, K) logits, eval mode.
     Pure: parameters, buffers, `.grad` and training flags are left as they were.
+    With a torch.distributed `process_group`, each rank measures its share of the ghost batches
+    and of x (`distributed.share`), and all return the values for the whole of (x, y).
 
     Returns:
         dict of floats.
     """
     batches = [(x[s], y[s]) for s in index_chunks(len(x), ghost_batch_size)]
-    info = sharpness(model, loss_fn, batches, tol=tol, max_iter=max_iter, return_info=True)
+    x_mine = x
+    if process_group is not None:
+        start, stop = share(len(batches), process_group)
+        batches = batches[start:stop]
+        start, stop = share(len(x), process_group)
+        x_mine = x[start:stop]
+    info = sharpness(model, loss_fn, batches, tol=tol, max_iter=max_iter, return_info=True,
+                     process_group=process_group)
     row = {"sharpness": info.eigenvalues[0], "sharpness_matvecs": info.matvecs,
-           "jacobian": jacobian_norm(model, x, softmax=True)}
+           "jacobian": jacobian_norm(model, x_mine, softmax=True, process_group=process_group)}
     if with_output_norm:
         row["output_norm"] = output_norm(model, x, ghost_batch_size)
     return row

@@ -90,10 +90,14 @@ class Run:
         state = run.begin()                      # None, or the last checkpoint's state
         ... run.log(step, loss=...); run.checkpoint(lambda: {...}) ...
         run.finish("finished" or "diverged", **summary)
+
+    With writer=False (every rank but the main one of a torchrun job) nothing is written:
+    `begin` only reads the checkpoint, `checkpoint` and `finish` do nothing.
     """
 
-    def __init__(self, out, config, keys, checkpoint_seconds=300.0):
+    def __init__(self, out, config, keys, checkpoint_seconds=300.0, writer=True):
         self.config = dict(config)
+        self.writer = writer
         self.dir = Path(out) / run_name(self.config, keys)
         self.metrics = []
         self.checkpoint_seconds = checkpoint_seconds
@@ -103,18 +107,12 @@ class Run:
     def done(self):
         return (self.dir / "result.json").exists()
 
-    def begin(self, device="cpu"):
-        """Creates the directory and config.json (resolved config, seed, torch version, device);
-        returns the last checkpoint's state dict, restoring the metrics logged up to it, or None."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        meta = {"config": self.config, "seed": self.config.get("seed"), "torch": torch.__version__,
-                "device": str(device), "python": sys.version.split()[0], "argv": sys.argv,
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        if (self.dir / "config.json").exists():  # resuming: keep the first record, note the restart
-            old = load_json(self.dir / "config.json")
-            meta = {**old, "resumed": old.get("resumed", []) + [
-                {"device": str(device), "torch": torch.__version__, "at": meta["started"]}]}
-        save_json(self.dir / "config.json", meta)
+    def begin(self, device="cpu", **record):
+        """Creates the directory and config.json (resolved config, seed, torch version, device,
+        and `record`, e.g. world_size: outside the config, so not in the hash); returns the last
+        checkpoint's state dict, restoring the metrics logged up to it, or None."""
+        if self.writer:
+            self._write_meta(device, record)
         self._last_checkpoint = time.monotonic()
         path = self.dir / "checkpoint.pt"
         if not path.exists():
@@ -123,6 +121,18 @@ class Run:
         self.metrics = saved["metrics"]
         return saved["state"]
 
+    def _write_meta(self, device, record):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = {"config": self.config, "seed": self.config.get("seed"), "torch": torch.__version__,
+                "device": str(device), "python": sys.version.split()[0], "argv": sys.argv,
+                **record, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if (self.dir / "config.json").exists():  # resuming: keep the first record, note the restart
+            old = load_json(self.dir / "config.json")
+            meta = {**old, "resumed": old.get("resumed", []) + [
+                {"device": str(device), "torch": torch.__version__, **record,
+                 "at": meta["started"]}]}
+        save_json(self.dir / "config.json", meta)
+
     def log(self, step, **metrics):
         """Records metrics measured at `step` (floats; NaN is kept as None, as JSON stores it)."""
         self.metrics.append({"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}})
@@ -130,6 +140,8 @@ class Run:
     def checkpoint(self, state, force=False):
         """Saves state() (e.g. model and optimizer state dicts, next step) with the metrics so far,
         if `checkpoint_seconds` have passed since the last save or force; returns whether it did."""
+        if not self.writer:
+            return False
         if not force and time.monotonic() - self._last_checkpoint < self.checkpoint_seconds:
             return False
         save_torch(self.dir / "checkpoint.pt", {"state": state(), "metrics": self.metrics})
@@ -140,6 +152,8 @@ class Run:
     def finish(self, status="finished", **summary):
         """Writes metrics.json and result.json (status: "finished" or "diverged", plus summary);
         the checkpoint is then deleted. A rerun skips a run with result.json."""
+        if not self.writer:
+            return
         save_json(self.dir / "metrics.json", self.metrics)
         save_json(self.dir / "result.json", {"status": status, **summary,
                                              "finished": time.strftime("%Y-%m-%d %H:%M:%S")})

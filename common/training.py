@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .estimators import BN_TYPES
 
 def label_entropy(smoothing, num_classes):
@@ -38,27 +39,37 @@ def index_chunks(n, size=None):
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def ghost_batch_gradient(model, loss_fn, x, y, ghost_batch_size=None):
+def ghost_batch_gradient(model, loss_fn, x, y, ghost_batch_size=None, process_group=None):
     """Accumulates into `.grad` the gradient of the mean loss over all of (x, y).
 
         grad (1/N) sum_i l_i = sum_k (n_k / N) grad mean_{i in ghost batch k} l_i
 
     so each ghost batch's mean loss is weighted by its size. The model keeps its mode: in train
     mode a BN net normalises each ghost batch with its own statistics [Cohen et al. 2021].
+    With a torch.distributed `process_group` every rank holds all of (x, y), computes its share
+    of the ghost batches (`distributed.share`) and gets the sums over the ranks: gradient,
+    loss, accuracy and BN running statistics as in one process (`common.distributed`).
 
     Returns:
         (mean loss, accuracy) over the data as floats; accuracy is None unless y holds class
         indices. Gradients add to existing `.grad` (zero them first).
     """
     n = len(x)
+    chunks = index_chunks(n, ghost_batch_size)
+    start, stop = distributed.share(len(chunks), process_group)
     total_loss, correct = 0.0, 0
-    for s in index_chunks(n, ghost_batch_size):
-        outputs = model(x[s])
-        loss = loss_fn(outputs, y[s])
-        (loss * ((s.stop - s.start) / n)).backward()
-        total_loss += loss.item() * (s.stop - s.start)
-        if not y.is_floating_point():
-            correct += (outputs.argmax(1) == y[s]).sum().item()
+    with (contextlib.nullcontext() if process_group is None else
+          distributed.shared_bn_statistics(model, start, stop, len(chunks), process_group)):
+        for s in chunks[start:stop]:
+            outputs = model(x[s])
+            loss = loss_fn(outputs, y[s])
+            (loss * ((s.stop - s.start) / n)).backward()
+            total_loss += loss.item() * (s.stop - s.start)
+            if not y.is_floating_point():
+                correct += (outputs.argmax(1) == y[s]).sum().item()
+    if process_group is not None:
+        total_loss, correct = distributed.all_reduce_gradients(model, total_loss, correct,
+                                                               process_group)
     return total_loss / n, (correct / n if not y.is_floating_point() else None)
 
 
