@@ -304,6 +304,7 @@ def main(args):
         if args.grid_index is not None:
             return  # an array task: plotting is for --plot-only once the array is done
     runs = common.saved_runs_or_fail(args.out, cells, RUN_KEYS)
+    common.save_runs_summary(runs, f"{args.out}/plots/runs.json")
     print(f"{len(runs)} of {len(cells)} cells finished")
     paths, correlations = plot(args, runs)
     for name, c in correlations.items():

@@ -346,6 +346,7 @@ def main(args):
         finally:
             torch.set_num_threads(threads)
     runs = common.saved_runs_or_fail(args.out, configs, RUN_KEYS)
+    common.save_runs_summary(runs, f"{args.out}/plots/runs.json")
     paths = plot_fits(runs, f"{args.out}/plots/fig32_fits")
     paths += write_tables(args, runs, f"{args.out}/plots/tables")
     for path in paths:

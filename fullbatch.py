@@ -341,6 +341,7 @@ def main(args):
         if not common.is_main(group):  # rank 0 alone reads back and plots
             return
     runs = common.saved_runs_or_fail(args.out, requested_configs(args), RUN_KEYS)
+    common.save_runs_summary(runs, f"{args.out}/plots/runs.json")
     unreached = [common.run_name(r["config"], RUN_KEYS) for r in runs
                  if r["result"].get("reached_target") is False]
     if unreached:

@@ -200,6 +200,7 @@ def main(args):
         for config in pending:
             train(config, args, data, measure_idx, device)
     runs = common.saved_runs_or_fail(args.out, configs, RUN_KEYS)
+    common.save_runs_summary(runs, f"{args.out}/plots/runs.json")
     for path in plot(args, runs):
         print(f"wrote {path}")
 

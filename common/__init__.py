@@ -33,7 +33,8 @@ from .models import (ACTIVATIONS, INITS, MLP, MODELS, VGG11, VGG11_CONFIG, Basic
                      ResNet18, build_model)
 from .plotting import LINESTYLES, mean_std, new_figure, plot_band, plot_runs, plot_sweep, save_figure
 from .runs import (Run, atomic_write, config_hash, load_json, load_run, load_saved, metric_series,
-                   restore_training_state, run_name, save_json, save_torch, training_state)
+                   restore_training_state, run_name, save_json, save_runs_summary, save_torch,
+                   training_state)
 from .sweeps import (add_grid_flags, check_grid_index, grid, kendall_tau, print_grid,
                      selected_cells, sweep_correlations, unique_configs)
 from .training import (augment, cross_entropy, evaluate, ghost_batch_gradient, index_chunks,

@@ -198,6 +198,15 @@ def load_saved(out, configs, keys):
     return [run.load() for run in runs if run.done]
 
 
+def save_runs_summary(runs, path):
+    """Writes loaded runs (name, config, result, metrics, seed, torch, device) as one JSON file
+    beside the figures, so the numbers behind a committed figure are committed with it."""
+    keep = ("seed", "torch", "device", "world_size")
+    save_json(path, [{"name": Path(r["dir"]).name, "config": r["config"], "result": r["result"],
+                      "metrics": r["metrics"], **{k: r["meta"].get(k) for k in keep}}
+                     for r in runs])
+
+
 def metric_series(run, name):
     """(steps, values) numpy arrays of one metric of a loaded run, NaN where it was not finite."""
     rows = [m for m in run["metrics"] if name in m]
