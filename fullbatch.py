@@ -95,6 +95,10 @@ def parse_args(argv=None):
     parser.add_argument("--eig-max-iter", type=int, default=100, help="most Lanczos steps")
     parser.add_argument("--checkpoint-seconds", type=float, default=300.0,
                         help="least time between checkpoints (taken at measurements)")
+    parser.add_argument("--bn-check-batch-sizes", nargs="+", type=int, default=None,
+                        help="at the last iteration, also take the softmax Jacobian of 16 "
+                             "measurement images with BN in train mode in batches of these sizes, "
+                             "beside eval mode (Theorem A.1; figA1_bn_modes)")
     # --smoke: tiny sizes on synthetic data, in their own folder; options given explicitly win
     smoke = dict(out="results/fullbatch_smoke", dataset="synthetic-cifar10", models=["vgg11"],
                  lrs=[0.08], trials=2, width=0.0625, train_size=64, ghost_batch_size=32,
@@ -111,6 +115,10 @@ def parse_args(argv=None):
                  f"--train-size must lie in 1..50000, got {args.train_size}")
     common.check(args.measure_size <= (args.train_size or 50000),
                  f"--measure-size ({args.measure_size}) exceeds the training set ({args.train_size or 50000})")
+    common.check(not args.bn_check_batch_sizes or
+                 0 < min(args.bn_check_batch_sizes) <= max(args.bn_check_batch_sizes) <= args.measure_size,
+                 f"--bn-check-batch-sizes must lie in 1..--measure-size ({args.measure_size}), "
+                 f"got {args.bn_check_batch_sizes}")
     common.check(args.trial_index is None or 0 <= args.trial_index < args.trials,
                  f"--trial-index must lie in 0..{args.trials - 1}, got {args.trial_index}")
     common.check_common(args, dataset=args.dataset)
@@ -136,7 +144,10 @@ def base_config(args, model, lr, trial):
                 data_seed=args.seed, width=args.width, train_size=args.train_size,
                 ghost_batch_size=args.ghost_batch_size, measure_every=measure_every(args, lr),
                 measure_size=args.measure_size, eig_tol=args.eig_tol,
-                eig_max_iter=args.eig_max_iter, standardise="component", batch_norm=True)
+                eig_max_iter=args.eig_max_iter, standardise="component", batch_norm=True,
+                # only when asked for, so other runs keep their folder names
+                **({"bn_check_batch_sizes": sorted(args.bn_check_batch_sizes)}
+                   if args.bn_check_batch_sizes else {}))
 
 
 def unsmoothed_config(args, model, lr, trial):
@@ -234,8 +245,14 @@ def train(config, args, data, device, group=None):
         if "sharpness" in row:
             run.checkpoint(lambda: common.training_state(step + 1, model, optimizer))
     bar.close()
+    if config.get("bn_check_batch_sizes"):
+        extra = {"bn_jacobian": common.bn_mode_jacobian_norms(
+            model, x_measure, config["bn_check_batch_sizes"], samples=min(16, len(x_measure)),
+            seed=config["seed"])}
+    else:
+        extra = {}
     return finish(run, group, "finished", iterations=step, final_loss=row["loss"],
-                  final_accuracy=accuracy,
+                  final_accuracy=accuracy, **extra,
                   reached_target=(accuracy >= config["target_accuracy"]) if fixed is None else None)
 
 
@@ -312,16 +329,48 @@ def plot(args, runs):
             trials = len({r["config"]["trial"] for r in mine})
             scale = "" if args.width == 1 and args.train_size is None else \
                 f", width {args.width:g}, {args.train_size or 50000} images"
-            fig, panels = common.plot_runs(mine, list(METRIC_LABELS), "smoothing", labels=METRIC_LABELS,
-                                   style_label="smoothing", log_metrics=("jacobian",),
-                                   title=f"{model}, full-batch GD, lr {lr:g}{scale}: "
-                                         f"mean ± std over {trials} trials")
+            fig, panels = common.plot_runs(mine, list(METRIC_LABELS), "smoothing",
+                                           labels=METRIC_LABELS, style_label="smoothing",
+                                           log_metrics=("jacobian",),
+                                           title=f"{model}, full-batch GD, lr {lr:g}{scale}: "
+                                                 f"mean ± std over {trials} trials")
             ax = panels["sharpness"]
             ax.axhline(2 / lr, color="grey", linewidth=0.8, linestyle=":", label="2 / lr")
             ax.legend(fontsize="small")
             stem = f"{PAPER_FIGURES.get((model, lr), 'fig')}_{model}_lr{lr:g}"
             paths += common.save_figure(fig, f"{args.out}/plots/{stem}")
+    checked = [r for r in runs if r["result"].get("bn_jacobian")]
+    if checked:
+        paths += common.save_figure(bn_modes_figure(checked), f"{args.out}/plots/figA1_bn_modes")
     return paths
+
+
+def bn_modes_figure(runs):
+    """Theorem A.1 on the trained models: the relative difference between each sample's
+    train-mode (batch statistics) and eval-mode softmax Jacobian norm against the batch size,
+    a marker per run, a colour per smoothing."""
+    fig, axes = common.new_figure(1, 2)
+    smoothings = sorted({r["config"]["smoothing"] for r in runs})
+    for r in runs:
+        checks = r["result"]["bn_jacobian"]
+        sizes = sorted(int(b) for b in checks if b != "eval")
+        color = f"C{smoothings.index(r['config']['smoothing'])}"
+        for ax, key in zip(axes[0], ("max_relative_difference", "relative_difference_of_max")):
+            ax.plot(sizes, [checks[str(b)][key] for b in sizes], marker="o", color=color,
+                    linestyle=common.LINESTYLES[smoothings.index(r["config"]["smoothing"])],
+                    label=f"smoothing {r['config']['smoothing']:g}, {r['config']['model']} "
+                          f"lr {r['config']['lr']:g}, trial {r['config']['trial']}")
+    for ax, title in zip(axes[0], ("max over samples of |train - eval| / eval",
+                                   "|max train - max eval| / max eval")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size in train mode")
+        ax.set_ylabel("relative difference")
+        ax.set_title(title, fontsize="small")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize="xx-small")
+    fig.suptitle("Theorem A.1: softmax Jacobian norm, BN train mode vs eval mode (16 samples)")
+    return fig
 
 
 # ----------------------------------------------------------------------------- main

@@ -124,6 +124,9 @@ def bn_mode_jacobian_norms(model, x, batch_sizes, *, samples=16, seed=0, softmax
         max eval}} for each B in batch_sizes.
     """
     n = len(x)
+    if samples > n or max(batch_sizes) > n:
+        raise ValueError(f"x has {n} inputs: fewer than samples={samples} or the largest batch "
+                         f"size {max(batch_sizes)}")
     generator = torch.Generator().manual_seed(seed)
     eval_norms = jacobian_norm(model, x[:samples], softmax=softmax, return_per_sample=True)
     out = {"eval": eval_norms.tolist()}
