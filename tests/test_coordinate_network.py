@@ -115,6 +115,7 @@ def test_rejected_command_line_shows_no_traceback(tmp_path, cli):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_plot_only_without_results_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cn.main(smoke_args(tmp_path, "--plot-only"))
