@@ -1,6 +1,9 @@
 """Tiny float64 models and dense references for the estimators and measurements, built
 independently of common/: Hessians and Jacobians column by column with torch.func.jvp,
 BN train mode by hand. Shared by test_estimators.py and test_measurements.py."""
+import functools
+import hashlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -119,6 +122,38 @@ def flat_function(model):
 REFERENCE_LOSS = {F.mse_loss: lambda z, y: ((z - y) ** 2).mean()}
 
 
+_CACHE = {}
+
+
+def _content_key(kind, model, loss_fn, batches):
+    """Everything a dense reference depends on: the model's class, flags, parameters and buffers,
+    the loss function (by identity) and the batches' values."""
+    h = hashlib.sha256(f"{kind} {type(model).__name__} {id(loss_fn)}".encode())
+    h.update(repr([m.training for m in model.modules()]).encode())
+    h.update(repr([p.requires_grad for p in model.parameters()]).encode())
+    for k, t in model.state_dict().items():
+        h.update(k.encode() + str(t.dtype).encode() + t.detach().cpu().numpy().tobytes())
+    for x, y in batches:
+        h.update(x.detach().cpu().numpy().tobytes() + str(tuple(x.shape)).encode())
+        h.update(y.detach().cpu().numpy().tobytes() + str(tuple(y.shape)).encode())
+    return h.hexdigest()
+
+
+def cached(kind):
+    """Memoise a dense reference on the content of its inputs (they cost seconds each, and
+    several tests need the same one); a copy is returned so callers may modify it."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def wrapper(model, loss_fn, batches):
+            key = _content_key(kind, model, loss_fn, batches)
+            if key not in _CACHE:
+                _CACHE[key] = fn(model, loss_fn, batches)
+            return _CACHE[key].clone()
+        return wrapper
+    return wrap
+
+
+@cached("hessian")
 def dense_hessian(model, loss_fn, batches):
     loss_fn = REFERENCE_LOSS.get(loss_fn, loss_fn)
     flat0, unflat = flat_function(model)
@@ -131,6 +166,7 @@ def dense_hessian(model, loss_fn, batches):
         return dense_jacobian(torch.func.grad(loss), flat0)
 
 
+@cached("gauss-newton")
 def dense_gauss_newton(model, loss_fn, batches):
     flat0, unflat = flat_function(model)
     total = sum(len(x) for x, _ in batches)
