@@ -62,12 +62,18 @@ class CLI:
         argv = [str(a) for a in argv]
         return self._captured(lambda: module.main(module.parse_args(argv)))
 
-    def subprocess(self, script, argv, env=None, timeout=300):
-        """python3 <script> argv in the repository root, one OMP thread."""
-        env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-        done = subprocess.run([sys.executable, script, *map(str, argv)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+    def run(self, command, env=None, unset=(), timeout=300):
+        """Any command in the repository root, one OMP thread; env adds to os.environ, unset
+        removes names from it."""
+        env = {k: v for k, v in {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}.items()
+               if k not in unset}
+        done = subprocess.run([str(c) for c in command], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=timeout)
         return Exit(done.returncode, done.stdout, done.stderr)
+
+    def subprocess(self, script, argv, **kwargs):
+        """python3 <script> argv in the repository root, one OMP thread."""
+        return self.run([sys.executable, script, *argv], **kwargs)
 
 
 @pytest.fixture

@@ -3,12 +3,12 @@ import json
 
 import itertools
 import math
-import os
 
 import pytest
 
 import batch_lr
 import common
+from conftest import REPO
 
 
 def tiny(out, *extra):
@@ -102,7 +102,7 @@ def test_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(common.Run, "checkpoint", checkpoint_then_die)
     args = tiny(tmp_path / "killed", "--grid-index", "0", "--max-iterations", "6",
-                "--checkpoint-seconds", "0")
+                "--checkpoint-seconds", "1e-9")
     with pytest.raises(KeyboardInterrupt):
         batch_lr.main(batch_lr.parse_args(args))
     monkeypatch.setattr(common.Run, "checkpoint", real_checkpoint)
@@ -149,16 +149,13 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, bad_arguments, flags, mess
 
 
 @pytest.mark.slow
-def test_slurm_template_runs_the_array_task_cell(tmp_path):
-    import subprocess
-    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "3", "SLURM_SUBMIT_DIR": os.getcwd()}
-    done = subprocess.run(["bash", "slurm/batch_lr.sbatch", "--device", "cpu", "--list-grid"],
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "# 300 cells"
-    missing = subprocess.run(["bash", "slurm/batch_lr.sbatch"], capture_output=True, text=True,
-                             env={k: v for k, v in env.items() if k != "SLURM_ARRAY_TASK_ID"})
-    assert missing.returncode != 0 and "array job" in missing.stderr
+def test_slurm_template_runs_the_array_task_cell(cli):
+    env = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_SUBMIT_DIR": str(REPO)}
+    done = cli.run(["bash", "slurm/batch_lr.sbatch", "--device", "cpu", "--list-grid"], env=env)
+    assert done.code == 0, done.err
+    assert done.out.strip().splitlines()[-1] == "# 300 cells"
+    missing = cli.run(["bash", "slurm/batch_lr.sbatch"], env=env, unset=["SLURM_ARRAY_TASK_ID"])
+    assert missing.code != 0 and "array job" in missing.err
 
 
 def test_smoke_settings_are_defaults_that_explicit_flags_override():

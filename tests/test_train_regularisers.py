@@ -6,6 +6,7 @@ import math
 import pytest
 
 import common
+from conftest import REPO
 import train_regularisers as tr
 
 
@@ -87,7 +88,7 @@ def test_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
         raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
     monkeypatch.setattr(common.Run, "checkpoint", checkpoint_then_die)
-    args = tiny(tmp_path / "killed", "--epochs", "3", "--milestones", "2", "--checkpoint-seconds", "0")
+    args = tiny(tmp_path / "killed", "--epochs", "3", "--milestones", "2", "--checkpoint-seconds", "1e-9")
     with pytest.raises(KeyboardInterrupt):
         tr.main(tr.parse_args(args))
     monkeypatch.setattr(common.Run, "checkpoint", real_checkpoint)
@@ -140,15 +141,12 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, bad_arguments, flags, mess
 
 
 @pytest.mark.slow
-def test_slurm_template_passes_the_array_task_index(tmp_path):
-    import os
-    import subprocess
-    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "5000", "SLURM_SUBMIT_DIR": os.getcwd()}
-    done = subprocess.run(["bash", "slurm/train_regularisers.sbatch", "--device", "cpu",
-                           "--out", str(tmp_path / "out")], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 2  # index 5000 is outside the 1680-cell grid: one-line error
-    assert "--grid-index must lie in [0, 1679]" in done.stderr
+def test_slurm_template_passes_the_array_task_index(tmp_path, cli):
+    env = {"SLURM_ARRAY_TASK_ID": "5000", "SLURM_SUBMIT_DIR": str(REPO)}
+    done = cli.run(["bash", "slurm/train_regularisers.sbatch", "--device", "cpu",
+                    "--out", tmp_path / "out"], env=env)
+    assert done.code == 2  # index 5000 is outside the 1680-cell grid: one-line error
+    assert "--grid-index must lie in [0, 1679]" in done.err
 
 
 def test_smoke_settings_are_defaults_that_explicit_flags_override():
