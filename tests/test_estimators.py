@@ -9,7 +9,7 @@ import common
 from common import (gauss_newton_norm, hessian_operator, jacobian_norm, sharpness,
                     top_eigenvalues)
 from references import (assert_same_state, batch_stats_mode, class_batches, cnn,
-                        dense_gauss_newton, dense_hessian, dense_jacobian, dense_jacobian_norms,
+                        dense_gauss_newton, dense_hessian, dense_jacobian_norms,
                         flat_function, mlp, regression_batches, rel, soft_batches, state_of,
                         top_dense)
 
@@ -86,15 +86,24 @@ def test_dense_reference_matches_finite_differences():
 
 
 def test_train_mode_bn_differs_from_eval_mode():
-    """The reference is not trivially eval mode: the two sharpnesses differ."""
+    """The reference is not trivially eval mode: along a random direction, the eval-mode
+    Hessian-vector product (one forward-over-reverse product) differs from the train-mode dense
+    Hessian's, while the train-mode product matches it."""
     model, batches = cnn(), class_batches([6, 3], (2, 4, 4))
-    train = sharpness(model, F.cross_entropy, batches)
+    h = dense_hessian(model, smooth_ce, batches)  # cached: the CASES entry
     flat0, unflat = flat_function(model)
-    with batch_stats_mode(model, train=False):
-        h_eval = dense_jacobian(torch.func.grad(lambda f: sum(
-            len(x) / 9 * F.cross_entropy(functional_call(model, unflat(f), (x,)), y)
-            for x, y in batches)), flat0)
-    assert rel(train, top_dense(h_eval).item()) > 1e-2
+
+    def loss(flat):
+        return sum(len(x) / 9 * smooth_ce(functional_call(model, unflat(flat), (x,)), y)
+                   for x, y in batches)
+    v = torch.randn(len(h), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    products = {}
+    for train in (True, False):
+        with batch_stats_mode(model, train=train):
+            products[train] = torch.func.jvp(torch.func.grad(loss), (flat0,), (v,))[1]
+    torch.testing.assert_close(products[True], h @ v, rtol=1e-9, atol=1e-11)
+    assert (products[False] - h @ v).norm() > 1e-2 * (h @ v).norm()
+    assert rel(sharpness(model, smooth_ce, batches), top_dense(h).item()) < 1e-4
 
 
 def test_top_k_matches_dense():
