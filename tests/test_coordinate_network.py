@@ -6,7 +6,7 @@ import torch
 
 import common
 import coordinate_network as cn
-from conftest import Interrupt, interrupt_at_call
+from conftest import Interrupt, assert_one_line_error, interrupt_at_call
 
 
 def smoke_args(out, *extra):
@@ -116,7 +116,6 @@ def test_rejected_command_line_shows_no_traceback(tmp_path, cli):
 
 
 @pytest.mark.slow
-def test_plot_only_without_results_is_an_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        cn.main(smoke_args(tmp_path, "--plot-only"))
-    assert exc.value.code == 2 and "no saved results" in capsys.readouterr().err
+def test_plot_only_without_results_is_an_error(tmp_path, cli):
+    result = cli.main(cn, ["--smoke", "--out", tmp_path, "--no-progress", "--plot-only"])
+    assert_one_line_error(result, "no saved results")

@@ -8,7 +8,7 @@ import torch
 
 import common
 import fullbatch
-from conftest import Interrupt, interrupt_at_call
+from conftest import Interrupt, assert_one_line_error, interrupt_at_call
 
 TINY = ["--smoke", "--no-progress", "--trials", "1"]
 
@@ -58,13 +58,10 @@ def test_smoke_run_reuses_the_unsmoothed_iteration_count_and_plots(tmp_path):
 
 
 @pytest.mark.slow
-def test_smoothed_runs_alone_need_the_saved_unsmoothed_run(tmp_path, capsys):
+def test_smoothed_runs_alone_need_the_saved_unsmoothed_run(tmp_path, cli):
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(TINY + ["--out", str(out), "--smoothings", "0.5"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "include 0 in --smoothings" in err
+    assert_one_line_error(cli.main(fullbatch, TINY + ["--out", out, "--smoothings", "0.5"]),
+                          "include 0 in --smoothings")
     assert not out.exists()
     # once the unsmoothed run is saved, a task with only a smoothed run uses its count
     run_main(TINY + ["--out", str(out), "--smoothings", "0"])
@@ -114,11 +111,10 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, bad_arguments, argv, messa
 
 
 @pytest.mark.slow
-def test_plot_only_redraws_from_saved_results(tmp_path, capsys):
+def test_plot_only_redraws_from_saved_results(tmp_path, cli):
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:  # nothing saved yet
-        run_main(TINY + ["--out", str(out), "--plot-only"])
-    assert exit_info.value.code == 2 and "no saved results" in capsys.readouterr().err
+    nothing_saved = cli.main(fullbatch, TINY + ["--out", out, "--plot-only"])
+    assert_one_line_error(nothing_saved, "no saved results")
     run_main(TINY + ["--out", str(out), "--smoothings", "0"])
     png = out / "plots" / "fig06_vgg11_lr0.08.png"
     png.unlink()

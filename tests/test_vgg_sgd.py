@@ -7,7 +7,7 @@ import torch
 
 import common
 import vgg_sgd
-from conftest import Interrupt, interrupt_at_call
+from conftest import Interrupt, assert_one_line_error, interrupt_at_call
 
 TINY = ["--smoke", "--no-progress"]
 
@@ -81,11 +81,10 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, bad_arguments, argv, messa
 
 
 @pytest.mark.slow
-def test_plot_only_redraws_from_saved_results(tmp_path, capsys):
+def test_plot_only_redraws_from_saved_results(tmp_path, cli):
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:  # nothing saved yet
-        run_main(TINY + ["--out", str(out), "--plot-only"])
-    assert exit_info.value.code == 2 and "no saved results" in capsys.readouterr().err
+    nothing_saved = cli.main(vgg_sgd, TINY + ["--out", out, "--plot-only"])
+    assert_one_line_error(nothing_saved, "no saved results")
     argv = TINY + ["--out", str(out), "--smoothings", "0", "--epochs", "1"]
     run_main(argv)
     png = out / "plots" / "fig28_first_epoch.png"
