@@ -1,19 +1,14 @@
 """End-to-end tests of batch_lr.py on synthetic data (tiny configs, seconds each)."""
 import json
 
+import itertools
+import math
+
 import pytest
-import torch
 
 import batch_lr
 import common
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from conftest import REPO
 
 
 def tiny(out, *extra):
@@ -29,6 +24,7 @@ def results(out):
                   key=lambda r: r["finished"])
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_cells_figures_and_correlations(tmp_path, capsys):
     batch_lr.main(batch_lr.parse_args(["--smoke", "--datasets", "synthetic-cifar10",
                                        "--out", str(tmp_path), "--no-progress"]))
@@ -42,9 +38,36 @@ def test_smoke_run_writes_cells_figures_and_correlations(tmp_path, capsys):
     assert (plots / "fig14_vgg11_synthetic-cifar10_vs_lr.png").exists()
     assert (plots / "fig18_vgg11_synthetic-cifar10_vs_batch.png").exists()
     tau = json.loads((plots / "correlations.json").read_text())["vgg11_synthetic-cifar10"]
-    assert tau["n"] == 4 and -1 <= tau["tau_gap_jacobian"] <= 1
+    cells = results(tmp_path)
+    assert tau["n"] == 4
+    for measure in ("jacobian", "sharpness"):
+        expected = tau_b([r["gap"] for r in cells], [r[measure] for r in cells])
+        assert tau[f"tau_gap_{measure}"] == pytest.approx(expected, abs=1e-12), measure
 
 
+def tau_b(x, y):
+    """Kendall's tau-b from its definition, pair by pair (independent of common.kendall_tau)."""
+    concordant = discordant = tied_x = tied_y = 0
+    for (a, b), (c, d) in itertools.combinations(zip(x, y), 2):
+        s = (a > c) - (a < c)
+        t = (b > d) - (b < d)
+        concordant += s * t > 0
+        discordant += s * t < 0
+        tied_x += s == 0
+        tied_y += t == 0
+    n0 = len(x) * (len(x) - 1) // 2
+    return (concordant - discordant) / math.sqrt((n0 - tied_x) * (n0 - tied_y))
+
+
+def test_tau_b_reference_matches_scipy_and_hand_values():
+    assert tau_b([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)  # one discordant pair in six
+    assert tau_b([1, 2, 2, 3], [1, 2, 3, 3]) == pytest.approx(0.8)  # 4 / sqrt(5 * 5)
+    stats = pytest.importorskip("scipy.stats")
+    x, y = [0.3, 0.1, 0.4, 0.1, 0.5, 0.9], [2.0, 7.0, 1.0, 8.0, 2.0, 8.0]
+    assert tau_b(x, y) == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
+
+
+@pytest.mark.slow
 def test_list_grid_is_the_papers_300_cells(capsys):
     batch_lr.main(batch_lr.parse_args(["--list-grid"]))  # needs no data
     lines = capsys.readouterr().out.strip().splitlines()
@@ -52,6 +75,7 @@ def test_list_grid_is_the_papers_300_cells(capsys):
     assert lines[0].startswith("0\tmodel=resnet18_dataset=cifar10_lr=0.1_batch_size=64_trial=0-")
 
 
+@pytest.mark.slow
 def test_grid_index_runs_one_cell_and_plot_only_merges(tmp_path, capsys):
     batch_lr.main(batch_lr.parse_args(tiny(tmp_path, "--grid-index", "1")))
     (cell,) = [p.parent for p in tmp_path.glob("*/result.json")]
@@ -63,6 +87,7 @@ def test_grid_index_runs_one_cell_and_plot_only_merges(tmp_path, capsys):
     assert (tmp_path / "plots" / "correlations.json").exists()
 
 
+@pytest.mark.slow
 def test_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     args = tiny(tmp_path / "straight", "--grid-index", "0", "--max-iterations", "6")
     batch_lr.main(batch_lr.parse_args(args))
@@ -93,6 +118,7 @@ def test_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert steps == sorted(set(steps))  # no step logged twice
 
 
+@pytest.mark.slow
 def test_diverged_cell_is_recorded_and_plotted(tmp_path, capsys):
     batch_lr.main(batch_lr.parse_args(tiny(tmp_path, "--lrs", "1e30", "0.01")))
     statuses = sorted(r["status"] for r in results(tmp_path))
@@ -101,6 +127,7 @@ def test_diverged_cell_is_recorded_and_plotted(tmp_path, capsys):
     assert (tmp_path / "plots" / "fig14_vgg11_synthetic-cifar10_vs_lr.png").exists()
 
 
+@pytest.mark.slow
 def test_cifar100_code_path_on_synthetic_data(tmp_path):
     args = tiny(tmp_path, "--datasets", "synthetic-cifar100", "--grid-index", "0")
     batch_lr.main(batch_lr.parse_args(args))
@@ -117,25 +144,18 @@ def test_cifar100_code_path_on_synthetic_data(tmp_path):
     (["--models", "alexnet"], "invalid choice"),
     (["--datasets", "cifar10", "--data-root", "nowhere"], "data set cifar10 not found"),
 ])
-def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, flags, message):
-    with pytest.raises(SystemExit) as exit_info:
-        batch_lr.parse_args(tiny(tmp_path / "out", *flags))
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "out").exists()
+def test_bad_arguments_exit_2_with_one_line(tmp_path, bad_arguments, flags, message):
+    bad_arguments(batch_lr, tiny(tmp_path / "out", *flags), message, tmp_path / "out")
 
 
-def test_slurm_template_runs_the_array_task_cell(tmp_path):
-    import os
-    import subprocess
-    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "3", "SLURM_SUBMIT_DIR": os.getcwd()}
-    done = subprocess.run(["bash", "slurm/batch_lr.sbatch", "--device", "cpu", "--list-grid"],
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "# 300 cells"
-    missing = subprocess.run(["bash", "slurm/batch_lr.sbatch"], capture_output=True, text=True,
-                             env={k: v for k, v in env.items() if k != "SLURM_ARRAY_TASK_ID"})
-    assert missing.returncode != 0 and "array job" in missing.stderr
+@pytest.mark.slow
+def test_slurm_template_runs_the_array_task_cell(cli):
+    env = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_SUBMIT_DIR": str(REPO)}
+    done = cli.run(["bash", "slurm/batch_lr.sbatch", "--device", "cpu", "--list-grid"], env=env)
+    assert done.code == 0, done.err
+    assert done.out.strip().splitlines()[-1] == "# 300 cells"
+    missing = cli.run(["bash", "slurm/batch_lr.sbatch"], env=env, unset=["SLURM_ARRAY_TASK_ID"])
+    assert missing.code != 0 and "array job" in missing.err
 
 
 def test_smoke_settings_are_defaults_that_explicit_flags_override():

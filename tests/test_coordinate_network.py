@@ -1,28 +1,13 @@
 """coordinate_network.py (Appendix C.3): batched trials, smoke run, tables, resume, errors."""
 import csv
 import math
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import common
 import coordinate_network as cn
+from conftest import Interrupt, assert_one_line_error, interrupt_at_call
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on shared, busy cores two threads spin against each other (measured
-    here: a smoke run took 2 min with two threads and 19 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def smoke_args(out, *extra):
     return cn.parse_args(["--smoke", "--out", str(out), "--no-progress", *extra])
@@ -87,10 +72,6 @@ def test_plot_only_regenerates_tables_and_figure(smoke_out):
         "fig32_fits.pdf", "fig32_fits.png", "tables.csv", "tables.md"]
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("interrupt_at", [60, 160])  # in pretraining (100 steps), in training
 def test_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch, interrupt_at):
@@ -103,18 +84,10 @@ def test_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch, in
     original_init = common.Run.__init__
     monkeypatch.setattr(common.Run, "__init__",
                         lambda self, *a, **k: original_init(self, *a, **{**k, "checkpoint_seconds": 0.0}))
-    losses = cn.Trials.losses
-    calls = []
-
-    def interrupted(self, *a):
-        calls.append(1)
-        if len(calls) == interrupt_at:
-            raise Interrupt
-        return losses(self, *a)
-    monkeypatch.setattr(cn.Trials, "losses", interrupted)
+    calls = interrupt_at_call(monkeypatch, cn.Trials, "losses", interrupt_at)
     with pytest.raises(Interrupt):
         cn.main(args(tmp_path / "resumed"))
-    monkeypatch.setattr(cn.Trials, "losses", losses)
+    assert len(calls) == interrupt_at
     cn.main(args(tmp_path / "resumed"))
     resumed = common.load_saved(tmp_path / "resumed", configs, cn.RUN_KEYS)
     for new, old in zip(resumed, reference):
@@ -129,23 +102,20 @@ def test_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch, in
     (["--activations", "sine"], "invalid choice: 'sine'"),
     (["--trials", "-1"], "--trials must be at least 1, got -1"),
 ])
-def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
-    with pytest.raises(SystemExit) as exc:
-        cn.parse_args(["--out", str(tmp_path / "out"), *argv])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and err.count("\n") == 1 and ": error: " in err and message in err
+def test_bad_arguments_exit_2_with_one_line(tmp_path, bad_arguments, argv, message):
+    bad_arguments(cn, ["--out", tmp_path / "out", *argv], message, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_rejected_command_line_shows_no_traceback(tmp_path, cli):
+    proc = cli.subprocess("coordinate_network.py", ["--out", tmp_path / "out",
+                                                    "--gaussian-epochs", "-5"])
+    assert proc.code == 2 and proc.out == ""
+    assert proc.err == "coordinate_network.py: error: --gaussian-epochs must be positive, got -5\n"
     assert not (tmp_path / "out").exists()
 
 
-def test_rejected_command_line_shows_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "coordinate_network.py", "--out", str(tmp_path / "out"),
-                           "--gaussian-epochs", "-5"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == "coordinate_network.py: error: --gaussian-epochs must be positive, got -5\n"
-    assert not (tmp_path / "out").exists()
-
-
-def test_plot_only_without_results_is_an_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        cn.main(smoke_args(tmp_path, "--plot-only"))
-    assert exc.value.code == 2 and "no saved results" in capsys.readouterr().err
+@pytest.mark.slow
+def test_plot_only_without_results_is_an_error(tmp_path, cli):
+    result = cli.main(cn, ["--smoke", "--out", tmp_path, "--no-progress", "--plot-only"])
+    assert_one_line_error(result, "no saved results")

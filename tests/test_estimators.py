@@ -8,178 +8,10 @@ from torch.func import functional_call, jacrev
 import common
 from common import (gauss_newton_norm, hessian_operator, jacobian_norm, sharpness,
                     top_eigenvalues)
-
-# ----------------------------------------------------------------------------- fixtures
-
-
-def mlp(act, seed=0, d_in=5, width=7, classes=3):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d_in, width), act(), nn.Linear(width, classes)).double()
-
-
-class TinyCNN(nn.Module):
-    """Conv -> BN -> ReLU -> Conv -> BN -> ReLU -> pool -> Linear, a few hundred params."""
-
-    def __init__(self, classes=3, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.features = nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
-            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten())
-        self.dropout = nn.Dropout(0.5)
-        self.head = nn.Linear(16, classes)
-
-    def forward(self, x):  # (N, 2, 4, 4) -> (N, classes)
-        return self.head(self.dropout(self.features(x)))
-
-
-def cnn(seed=0):
-    model = TinyCNN(seed=seed).double()
-    # non-default running statistics, so eval mode differs from train mode and any update
-    # of them would show
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64))
-            m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=torch.float64) + .5)
-            m.weight.data.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64))
-    return model
-
-
-def class_batches(sizes, shape, classes=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, *shape, generator=g, dtype=torch.float64),
-             torch.randint(classes, (n,), generator=g)) for n in sizes]
-
-
-def soft_batches(sizes, shape, classes=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, *shape, generator=g, dtype=torch.float64),
-             torch.softmax(2 * torch.randn(n, classes, generator=g, dtype=torch.float64), 1))
-            for n in sizes]
-
-
-def regression_batches(sizes, shape, outputs=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, *shape, generator=g, dtype=torch.float64),
-             torch.randn(n, outputs, generator=g, dtype=torch.float64)) for n in sizes]
-
-
-# ------------------------------------------------------------------ dense references
-
-
-class batch_stats_mode:
-    """Reference BN handling, written independently of common.MeasureMode: train-mode BN
-    without running statistics, dropout off."""
-
-    def __init__(self, model, train):
-        self.model, self.train = model, train
-
-    def __enter__(self):
-        self.state = {m: (m.training, getattr(m, "track_running_stats", None))
-                      for m in self.model.modules()}
-        self.model.train(self.train)
-        for m in self.model.modules():
-            if isinstance(m, nn.Dropout):
-                m.eval()
-            if self.train and isinstance(m, nn.BatchNorm2d):
-                m.track_running_stats = False
-
-    def __exit__(self, *exc):
-        for m, (training, track) in self.state.items():
-            m.training = training
-            if track is not None:
-                m.track_running_stats = track
-
-
-def dense_jacobian(f, x0):
-    """Jacobian of f at x0, one forward-mode product per input coordinate.
-
-    No vmap: in torch 2.14 vmapped transforms (jacrev, jacfwd, hessian) give wrong
-    second derivatives for train-mode BatchNorm weights (up to 300% off; see
-    test_dense_reference_matches_finite_differences), while plain jvp is right."""
-    eye = torch.eye(x0.numel(), dtype=x0.dtype).view(-1, *x0.shape)
-    cols = [torch.func.jvp(f, (x0,), (e,))[1] for e in eye]
-    return torch.stack(cols, dim=-1)  # (*f(x0).shape, x0.numel())
-
-
-def flat_function(model):
-    names = [n for n, p in model.named_parameters()]
-    params = [p.detach() for p in model.parameters()]
-    flat0 = torch.cat([p.reshape(-1) for p in params])
-
-    def unflat(flat):
-        out, i = {}, 0
-        for n, p in zip(names, params):
-            out[n] = flat[i:i + p.numel()].view_as(p)
-            i += p.numel()
-        return out
-    return flat0, unflat
-
-
-# jvp(grad(F.mse_loss)) raises "ZeroTensors are immutable"; the reference uses the formula.
-REFERENCE_LOSS = {F.mse_loss: lambda z, y: ((z - y) ** 2).mean()}
-
-
-def dense_hessian(model, loss_fn, batches):
-    loss_fn = REFERENCE_LOSS.get(loss_fn, loss_fn)
-    flat0, unflat = flat_function(model)
-    total = sum(len(x) for x, _ in batches)
-
-    def loss(flat):
-        return sum(len(x) / total * loss_fn(functional_call(model, unflat(flat), (x,)), y)
-                   for x, y in batches)
-    with batch_stats_mode(model, train=True):
-        return dense_jacobian(torch.func.grad(loss), flat0)
-
-
-def dense_gauss_newton(model, loss_fn, batches):
-    flat0, unflat = flat_function(model)
-    total = sum(len(x) for x, _ in batches)
-    g = torch.zeros(len(flat0), len(flat0), dtype=torch.float64)
-    with batch_stats_mode(model, train=True):
-        for x, y in batches:
-            z0 = functional_call(model, unflat(flat0), (x,))
-            jac = dense_jacobian(lambda f: functional_call(model, unflat(f), (x,)), flat0)
-            hz = jacrev(jacrev(lambda z: loss_fn(z, y)))(z0)  # (n, C, n, C); no BN here
-            nc = z0.numel()
-            jac, hz = jac.reshape(nc, -1), hz.reshape(nc, nc)
-            g += len(x) / total * jac.T @ hz @ jac
-    return g
-
-
-def dense_jacobian_norms(model, x, softmax):
-    with batch_stats_mode(model, train=False):
-        def f(xi):
-            out = model(xi[None])[0]
-            return torch.softmax(out, 0) if softmax else out
-        return torch.stack([torch.linalg.matrix_norm(jacrev(f)(xi).reshape(-1, xi.numel()), 2)
-                            for xi in x])
-
-
-def top_dense(matrix, k=1):
-    return torch.linalg.eigvalsh(matrix).flip(0)[:k]
-
-
-def rel(a, b):
-    return abs(a - b) / abs(b)
-
-
-def state_of(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [m.training for m in model.modules()],
-            [getattr(m, "track_running_stats", None) for m in model.modules()])
-
-
-def assert_same_state(model, before):
-    params, flags, tracks = before
-    after = model.state_dict()
-    assert after.keys() == params.keys()
-    for k in params:
-        assert torch.equal(after[k], params[k]), f"{k} changed"
-    assert [m.training for m in model.modules()] == flags
-    assert [getattr(m, "track_running_stats", None) for m in model.modules()] == tracks
+from references import (assert_same_state, batch_stats_mode, class_batches, cnn,
+                        dense_gauss_newton, dense_hessian, dense_jacobian_norms,
+                        flat_function, mlp, regression_batches, rel, soft_batches, state_of,
+                        top_dense)
 
 
 smooth_ce = lambda z, y: F.cross_entropy(z, y, label_smoothing=0.2)  # noqa: E731
@@ -254,15 +86,24 @@ def test_dense_reference_matches_finite_differences():
 
 
 def test_train_mode_bn_differs_from_eval_mode():
-    """The reference is not trivially eval mode: the two sharpnesses differ."""
+    """The reference is not trivially eval mode: along a random direction, the eval-mode
+    Hessian-vector product (one forward-over-reverse product) differs from the train-mode dense
+    Hessian's, while the train-mode product matches it."""
     model, batches = cnn(), class_batches([6, 3], (2, 4, 4))
-    train = sharpness(model, F.cross_entropy, batches)
+    h = dense_hessian(model, smooth_ce, batches)  # cached: the CASES entry
     flat0, unflat = flat_function(model)
-    with batch_stats_mode(model, train=False):
-        h_eval = dense_jacobian(torch.func.grad(lambda f: sum(
-            len(x) / 9 * F.cross_entropy(functional_call(model, unflat(f), (x,)), y)
-            for x, y in batches)), flat0)
-    assert rel(train, top_dense(h_eval).item()) > 1e-2
+
+    def loss(flat):
+        return sum(len(x) / 9 * smooth_ce(functional_call(model, unflat(flat), (x,)), y)
+                   for x, y in batches)
+    v = torch.randn(len(h), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    products = {}
+    for train in (True, False):
+        with batch_stats_mode(model, train=train):
+            products[train] = torch.func.jvp(torch.func.grad(loss), (flat0,), (v,))[1]
+    torch.testing.assert_close(products[True], h @ v, rtol=1e-9, atol=1e-11)
+    assert (products[False] - h @ v).norm() > 1e-2 * (h @ v).norm()
+    assert rel(sharpness(model, smooth_ce, batches), top_dense(h).item()) < 1e-4
 
 
 def test_top_k_matches_dense():
@@ -320,10 +161,10 @@ def test_lanczos_finds_largest_algebraic_not_largest_magnitude():
 
 def test_float32_near_its_floor():
     model64, batches64 = cnn(), class_batches([6, 3], (2, 4, 4))
-    exact = top_dense(dense_hessian(model64, F.cross_entropy, batches64)).item()
+    exact = top_dense(dense_hessian(model64, smooth_ce, batches64)).item()  # cached: CASES
     model32 = cnn().float()
     batches32 = [(x.float(), y) for x, y in batches64]
-    got = sharpness(model32, F.cross_entropy, batches32, tol=1e-4)
+    got = sharpness(model32, smooth_ce, batches32, tol=1e-4)
     assert rel(got, exact) < 1e-4
     assert isinstance(got, float)
 
@@ -467,3 +308,93 @@ def test_estimators_turn_tf32_off_and_restore_it():
             True, True)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# ------------------------------------------------------------------ frozen parameters
+
+
+def freeze(model, names):
+    """requires_grad=False on the named parameters; returns the trainable coordinates' indices
+    in the flat vector of all parameters (the dense references' order)."""
+    keep, i = [], 0
+    for name, p in model.named_parameters():
+        if name in names:
+            p.requires_grad_(False)
+        else:
+            keep += range(i, i + p.numel())
+        i += p.numel()
+    return torch.tensor(keep)
+
+
+FROZEN = {
+    "mlp-first-layer": (lambda: mlp(nn.Tanh, seed=4), {"0.weight", "0.bias"},
+                        lambda: class_batches([7, 4], (5,)), smooth_ce),
+    "cnn-bn-and-head-bias": (cnn, {"features.1.weight", "features.4.bias", "head.bias"},
+                             lambda: class_batches([6, 3], (2, 4, 4)), smooth_ce),
+}
+
+
+@pytest.mark.parametrize("name", list(FROZEN))
+def test_frozen_parameters_are_left_out_of_the_products(name):
+    """Products over the trainable parameters only: the dense float64 Hessian / Gauss-Newton
+    matrix of all parameters, restricted to the trainable rows and columns."""
+    build, frozen, make_batches, loss_fn = FROZEN[name]
+    model, batches = build(), make_batches()
+    full_h = dense_hessian(model, loss_fn, batches)
+    full_g = dense_gauss_newton(model, loss_fn, batches)
+    keep = freeze(model, frozen)
+    h, g = full_h[keep][:, keep], full_g[keep][:, keep]
+    assert len(keep) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert len(keep) < len(full_h)
+    hv, dim = hessian_operator(model, loss_fn, batches)
+    gv, gdim = common.gauss_newton_operator(model, loss_fn, batches)
+    assert dim == gdim == len(keep)
+    v = torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(hv(v), h @ v, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(gv(v), g @ v, rtol=1e-9, atol=1e-11)
+    assert rel(sharpness(model, loss_fn, batches, tol=1e-8), top_dense(h).item()) < 1e-6
+    assert rel(gauss_newton_norm(model, loss_fn, batches, tol=1e-8), top_dense(g).item()) < 1e-6
+    # and the restriction matters: the unrestricted top eigenvalue is a different number
+    assert rel(top_dense(h).item(), top_dense(full_h).item()) > 1e-3
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_model_with_every_parameter_frozen_is_an_error():
+    model, batches = mlp(nn.Tanh), class_batches([6], (5,))
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        sharpness(model, F.cross_entropy, batches)
+
+
+# ------------------------------------------------------------------ non-convergence
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_solver_reports_not_converged_at_max_iter(method):
+    """A tolerance no number of steps below max_iter can reach: converged=False, exactly
+    max_iter products, and the reported error bound above tol."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))[0]
+    spectrum = torch.linspace(0, 1, 200, dtype=torch.float64)  # no gap at the top
+    a = q @ torch.diag(spectrum) @ q.T
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return a @ v
+    res = top_eigenvalues(matvec, 200, method=method, tol=1e-10, max_iter=7, dtype=torch.float64)
+    assert res.converged is False
+    assert res.matvecs == len(calls) == 7 and res.iterations == 7
+    assert max(res.errors) > 1e-10
+    assert res.eigenvalues[0] <= 1.0 + 1e-12  # a Ritz value never exceeds the top eigenvalue
+    # the same operator with room to converge does
+    done = top_eigenvalues(lambda v: a @ v, 200, tol=1e-3, max_iter=200, dtype=torch.float64)
+    assert done.converged and done.matvecs < 200
+
+
+def test_sharpness_reports_not_converged_at_max_iter():
+    model, batches = mlp(nn.Tanh, seed=5, width=9), class_batches([6, 3], (5,))
+    info = sharpness(model, F.cross_entropy, batches, tol=1e-12, max_iter=3, return_info=True)
+    assert info.converged is False and info.matvecs == 3
+    exact = top_dense(dense_hessian(model, F.cross_entropy, batches)).item()
+    assert info.eigenvalues[0] <= exact * (1 + 1e-9)  # Ritz values lie below the top

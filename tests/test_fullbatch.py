@@ -1,10 +1,6 @@
 """fullbatch.py end to end on synthetic data: smoke run, the unsmoothed run's iteration count
-reused by the smoothed ones, resume of a killed run, bad arguments, --plot-only."""
-import os
-import signal
-import subprocess
-import sys
-import time
+reused by the smoothed ones, resume of a killed run, bad arguments, --plot-only. The
+measurements themselves are tested against dense references in test_measurements.py."""
 from pathlib import Path
 
 import pytest
@@ -12,8 +8,8 @@ import torch
 
 import common
 import fullbatch
+from conftest import Interrupt, assert_one_line_error, interrupt_at_call
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--smoke", "--no-progress", "--trials", "1"]
 
 
@@ -62,13 +58,10 @@ def test_smoke_run_reuses_the_unsmoothed_iteration_count_and_plots(tmp_path):
 
 
 @pytest.mark.slow
-def test_smoothed_runs_alone_need_the_saved_unsmoothed_run(tmp_path, capsys):
+def test_smoothed_runs_alone_need_the_saved_unsmoothed_run(tmp_path, cli):
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(TINY + ["--out", str(out), "--smoothings", "0.5"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "include 0 in --smoothings" in err
+    assert_one_line_error(cli.main(fullbatch, TINY + ["--out", out, "--smoothings", "0.5"]),
+                          "include 0 in --smoothings")
     assert not out.exists()
     # once the unsmoothed run is saved, a task with only a smoothed run uses its count
     run_main(TINY + ["--out", str(out), "--smoothings", "0"])
@@ -79,28 +72,23 @@ def test_smoothed_runs_alone_need_the_saved_unsmoothed_run(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_from_its_checkpoint(tmp_path):
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     argv = TINY + ["--smoothings", "0", "--max-iterations", "6", "--target-accuracy", "1",
                    "--measure-every", "3", "--checkpoint-seconds", "0"]
     reference = tmp_path / "reference"
     run_main(argv + ["--out", str(reference)])
     killed = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "fullbatch.py", *argv, "--out", str(killed)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not list(killed.glob("*/checkpoint.pt")) and time.monotonic() < deadline:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    # killed in the gradient pass of iteration 5: the last checkpoint followed iteration 3's
+    # measurement and update, so it resumes at 4
+    calls = interrupt_at_call(monkeypatch, common, "ghost_batch_gradient", 6)
+    with pytest.raises(Interrupt):
+        run_main(argv + ["--out", str(killed)])
     (run_dir,) = killed.iterdir()
     assert not (run_dir / "result.json").exists() and (run_dir / "checkpoint.pt").exists()
     partial = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    assert 0 < partial["state"]["step"] <= 6
+    assert partial["state"]["step"] == 4
     run_main(argv + ["--out", str(killed)])
+    assert len(calls) == 6 + 3  # the resumed run computed iterations 4, 5 and 6 only
     got, want = results(killed)[0.0, 0], results(reference)[0.0, 0]
     assert [m["step"] for m in got["metrics"]] == list(range(7))
     assert len(got["meta"]["resumed"]) == 1
@@ -118,21 +106,15 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     (["--trial-index", "5"], "--trial-index must lie in 0..4"),
     (["--dataset", "cifar10", "--data-root", "/nonexistent"], "not found"),
 ])
-def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
-    with pytest.raises(SystemExit) as exit_info:
-        fullbatch.parse_args(argv + ["--out", str(tmp_path / "out")])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err
-    assert not (tmp_path / "out").exists()
+def test_bad_arguments_exit_2_with_one_line(tmp_path, bad_arguments, argv, message):
+    bad_arguments(fullbatch, argv + ["--out", tmp_path / "out"], message, tmp_path / "out")
 
 
 @pytest.mark.slow
-def test_plot_only_redraws_from_saved_results(tmp_path, capsys):
+def test_plot_only_redraws_from_saved_results(tmp_path, cli):
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:  # nothing saved yet
-        run_main(TINY + ["--out", str(out), "--plot-only"])
-    assert exit_info.value.code == 2 and "no saved results" in capsys.readouterr().err
+    nothing_saved = cli.main(fullbatch, TINY + ["--out", out, "--plot-only"])
+    assert_one_line_error(nothing_saved, "no saved results")
     run_main(TINY + ["--out", str(out), "--smoothings", "0"])
     png = out / "plots" / "fig06_vgg11_lr0.08.png"
     png.unlink()
@@ -140,31 +122,3 @@ def test_plot_only_redraws_from_saved_results(tmp_path, capsys):
     run_main(TINY + ["--out", str(out), "--smoothings", "0", "--plot-only"])
     assert png.stat().st_size > 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.json")} == saved
-
-
-def test_progressive_sharpening_metrics_are_pure_and_match_their_definitions():
-    torch.manual_seed(0)
-    model = common.build_model("vgg11", width=0.0625)
-    x, y = torch.randn(12, 3, 32, 32), torch.randint(0, 10, (12,))
-    model.train()
-    model(x)  # move BN's running statistics off their initial values
-    loss_fn = common.cross_entropy(0.5)
-    model.zero_grad()
-    loss_fn(model(x), y).backward()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    grads = [p.grad.clone() for p in model.parameters()]
-    row = common.progressive_sharpening_metrics(model, loss_fn, x, y, ghost_batch_size=6,
-                                         with_output_norm=True)
-    assert model.training
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
-    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
-    assert row["sharpness"] == pytest.approx(common.sharpness(model, loss_fn, batches), rel=1e-3)
-    assert row["jacobian"] == pytest.approx(common.jacobian_norm(model, x), rel=1e-6)
-    model.eval()
-    with torch.no_grad():
-        assert row["output_norm"] == pytest.approx(torch.linalg.norm(model(x)).item(), rel=1e-5)
-    # excess loss: cross entropy minus label entropy, zero at the smoothed target itself
-    target = torch.full((1, 10), 0.05).scatter_(1, torch.tensor([[3]]), 0.55)
-    ce = common.cross_entropy(0.5)(target.log(), torch.tensor([3])).item()
-    assert common.excess_loss(ce, 0.5, 10) == pytest.approx(0.0, abs=1e-6)

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+from conftest import Exit, assert_one_line_error
 
 # ----------------------------------------------------------------------------- data
 
@@ -246,9 +247,7 @@ def parse(argv, tmp_path):
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         parse(argv + ["--data-root", str(tmp_path / "nowhere")], tmp_path)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and ": error: " in err and message in err
+    assert_one_line_error(Exit(exc.value.code, "", capsys.readouterr().err), message)
     assert not (tmp_path / "out").exists()
 
 

@@ -157,13 +157,47 @@ def test_float64_forward_matches_float32(name, batch_norm):
 
 
 def test_vgg_layer_order_is_configuration_a():
+    # Configuration A of Simonyan & Zisserman (2015), written out: conv widths, "M" a max pool
+    config_a = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+    assert common.VGG11_CONFIG == config_a
+    with torch.device("meta"):
+        model = common.VGG11(width=1.0)
     expected = []
-    for v in common.VGG11_CONFIG:
+    for v in config_a:
         expected += ["MaxPool2d"] if v == "M" else ["Conv2d", "BatchNorm2d", "ReLU"]
-    model = common.VGG11(width=SMALL)
     assert [type(m).__name__ for m in model.features] == expected
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    assert [(m.in_channels, m.out_channels) for m in convs] == [
+        (3, 64), (64, 128), (128, 256), (256, 256), (256, 512), (512, 512), (512, 512),
+        (512, 512)]
     assert [type(m).__name__ for m in model.classifier] == [
         "Linear", "ReLU", "Linear", "ReLU", "Linear"]  # the source's, dropout removed
+    assert [(m.in_features, m.out_features) for m in model.classifier
+            if isinstance(m, nn.Linear)] == [(512, 512), (512, 512), (512, 10)]
+
+
+def test_resnet18_channels_at_width_one():
+    with torch.device("meta"):
+        model = common.ResNet18(width=1.0)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    # stem, then per stage two blocks of two 3x3 convs, a 1x1 shortcut in the first block of
+    # stages 2-4 (modules() lists it after the block's second conv)
+    assert [m.out_channels for m in convs] == [64] + [64] * 4 + [128] * 5 + [256] * 5 + [512] * 5
+    assert [m.kernel_size for m in convs].count((1, 1)) == 3
+    assert [m.stride for m in convs].count((2, 2)) == 6  # first conv and shortcut, stages 2-4
+    assert (model.linear.in_features, model.linear.out_features) == (512, 10)
+
+
+@pytest.mark.parametrize("name,width,expected", [
+    # hand-counted at width 1/32, no BN: VGG11 convs 56 + 76 + 296 + 584 + 1168 + 3 x 2320,
+    # linears 272 + 272 + 170
+    ("vgg11", 1 / 32, 9_854),
+    ("vgg11", 1.0, 9_750_922),
+])
+def test_parameter_count_at_reduced_width(name, width, expected):
+    with torch.device("meta"):
+        model = common.build_model(name, batch_norm=False, width=width)
+    assert parameter_count(model) == expected
 
 
 def test_resnet_stage_shapes():

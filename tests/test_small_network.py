@@ -1,27 +1,12 @@
 """small_network.py (Appendix C.2): smoke runs, resume, --plot-only, command-line errors."""
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import common
 import small_network
+from conftest import REAL_DATA, Interrupt, interrupt_at_call
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_DATA = REPO.parent / "shared" / "data"  # present on the project's machines, not in CI
-
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on shared, busy cores two threads spin against each other (measured
-    here: a smoke run took 2 min with two threads and 19 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def smoke_args(out, *extra):
     return small_network.parse_args(["--smoke", "--dataset", "synthetic-cifar10", "--out", str(out),
@@ -70,10 +55,6 @@ def test_rerun_skips_finished_runs_and_plot_only_redraws(smoke_out, monkeypatch)
     assert (smoke_out / "plots" / "fig31_tanh.png").exists()
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.slow
 def test_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
     def args(out):
@@ -85,21 +66,13 @@ def test_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
     original_init = common.Run.__init__
     monkeypatch.setattr(common.Run, "__init__",
                         lambda self, *a, **k: original_init(self, *a, **{**k, "checkpoint_seconds": 0.0}))
-    step = common.train_step
-    calls = []
-
-    def interrupted(*a, **k):
-        calls.append(1)
-        if len(calls) == 5:  # step 4: the last checkpoint was after step 3
-            raise Interrupt
-        return step(*a, **k)
-    monkeypatch.setattr(common, "train_step", interrupted)
+    calls = interrupt_at_call(monkeypatch, common, "train_step", 5)  # step 4
     with pytest.raises(Interrupt):
         small_network.main(args(tmp_path / "resumed"))
-    monkeypatch.setattr(common, "train_step", step)
     run_dir = next(d for d in (tmp_path / "resumed").iterdir() if d.name != "plots")
     assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "result.json").exists()
     small_network.main(args(tmp_path / "resumed"))
+    assert len(calls) == 5 + 2  # the last checkpoint was after step 3: steps 4 and 5 again
     resumed = common.load_run(run_dir)
     assert resumed["metrics"] == reference["metrics"]
     assert resumed["meta"]["resumed"]  # the restart is on record
@@ -111,31 +84,27 @@ def test_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
     (["--measure-size", "6000"], "--measure-size (6000) must not exceed --train-first (5000)"),
     (["--dataset", "cifar10"], "data set cifar10 not found at"),
 ])
-def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
-    with pytest.raises(SystemExit) as exc:
-        small_network.parse_args(["--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "out"),
-                                  "--dataset", "synthetic-cifar10", *argv])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and err.count("\n") == 1 and ": error: " in err and message in err
-    assert not (tmp_path / "out").exists()
+def test_bad_arguments_exit_2_with_one_line(tmp_path, bad_arguments, argv, message):
+    bad_arguments(small_network, ["--data-root", tmp_path / "none", "--out", tmp_path / "out",
+                                  "--dataset", "synthetic-cifar10", *argv], message, tmp_path / "out")
 
 
-def test_rejected_command_line_writes_nothing_and_shows_no_traceback(tmp_path):
+@pytest.mark.slow
+def test_rejected_command_line_writes_nothing_and_shows_no_traceback(tmp_path, cli):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.json").write_text("{}")
-    proc = subprocess.run([sys.executable, "small_network.py", "--out", str(out),
-                           "--data-root", str(tmp_path / "none")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == (f"small_network.py: error: data set cifar10 not found at "
+    proc = cli.subprocess("small_network.py", ["--out", out, "--data-root", tmp_path / "none"])
+    assert proc.code == 2 and proc.out == ""
+    assert proc.err == (f"small_network.py: error: data set cifar10 not found at "
                            f"{tmp_path / 'none' / 'cifar10.npz'}: point --data-root at the folder "
                            "holding cifar10.npz, or pass --download to fetch it through torchvision\n")
     assert [p.name for p in out.iterdir()] == ["keep.json"]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (REAL_DATA / "cifar10.npz").exists(), reason="real CIFAR-10 not present")
+@pytest.mark.skipif(not (REAL_DATA / "cifar10.npz").exists(),
+                    reason=f"real CIFAR-10 not at {REAL_DATA}/cifar10.npz (set REPRO_DATA)")
 def test_smoke_run_on_real_cifar10(tmp_path):
     args = small_network.parse_args(["--smoke", "--data-root", str(REAL_DATA), "--out", str(tmp_path),
                                      "--activations", "relu", "--scales", "1.0", "--trials", "1",

@@ -1,10 +1,5 @@
 """vgg_sgd.py end to end on synthetic data: smoke run and its measurement schedule, a killed
 multi-epoch run continuing from its checkpoint, bad arguments, --plot-only."""
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -12,8 +7,8 @@ import torch
 
 import common
 import vgg_sgd
+from conftest import Interrupt, assert_one_line_error, interrupt_at_call
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--smoke", "--no-progress"]
 
 
@@ -46,33 +41,22 @@ def test_smoke_run_measures_on_schedule_and_plots_both_figures(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_continues_from_its_checkpoint(tmp_path):
+def test_killed_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
     argv = TINY + ["--smoothings", "0.5", "--epochs", "4", "--checkpoint-seconds", "0"]
     reference = tmp_path / "reference"
     run_main(argv + ["--out", str(reference)])
     killed = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "vgg_sgd.py", *argv, "--out", str(killed)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:  # kill it once a checkpoint past iteration 0 exists (usually mid-epoch, at 2)
-        deadline = time.monotonic() + 60
-        step = 0
-        while step < 2 and time.monotonic() < deadline:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            for path in killed.glob("*/checkpoint.pt"):
-                try:
-                    step = torch.load(path, weights_only=False)["state"]["step"]
-                except Exception:  # noqa: BLE001 - replaced while being read; try again
-                    pass
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    # killed in SGD step 3, mid-epoch: the last checkpoint is the one after the step-2 measurement
+    calls = interrupt_at_call(monkeypatch, common, "train_step", 4)
+    with pytest.raises(Interrupt):
+        run_main(argv + ["--out", str(killed)])
+    assert len(calls) == 4
     (run_dir,) = killed.iterdir()
     assert not (run_dir / "result.json").exists()
     partial = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    assert 2 <= partial["state"]["step"] < 16
+    assert partial["state"]["step"] == 2
     run_main(argv + ["--out", str(killed)])
+    assert len(calls) == 4 + 16 - 2  # the resumed run took steps 2..15 only
     got, want = results(killed)[0.5], results(reference)[0.5]
     assert len(got["meta"]["resumed"]) == 1
     assert [m["step"] for m in got["metrics"]] == [m["step"] for m in want["metrics"]] \
@@ -92,21 +76,15 @@ def test_killed_run_continues_from_its_checkpoint(tmp_path):
     (["--train-size", "100", "--batch-size", "128"], "exceeds the training set"),
     (["--dataset", "cifar10", "--data-root", "/nonexistent"], "not found"),
 ])
-def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
-    with pytest.raises(SystemExit) as exit_info:
-        vgg_sgd.parse_args(argv + ["--out", str(tmp_path / "out")])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err
-    assert not (tmp_path / "out").exists()
+def test_bad_arguments_exit_2_with_one_line(tmp_path, bad_arguments, argv, message):
+    bad_arguments(vgg_sgd, argv + ["--out", tmp_path / "out"], message, tmp_path / "out")
 
 
 @pytest.mark.slow
-def test_plot_only_redraws_from_saved_results(tmp_path, capsys):
+def test_plot_only_redraws_from_saved_results(tmp_path, cli):
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:  # nothing saved yet
-        run_main(TINY + ["--out", str(out), "--plot-only"])
-    assert exit_info.value.code == 2 and "no saved results" in capsys.readouterr().err
+    nothing_saved = cli.main(vgg_sgd, TINY + ["--out", out, "--plot-only"])
+    assert_one_line_error(nothing_saved, "no saved results")
     argv = TINY + ["--out", str(out), "--smoothings", "0", "--epochs", "1"]
     run_main(argv)
     png = out / "plots" / "fig28_first_epoch.png"

@@ -1,0 +1,206 @@
+"""common.measurements and common.evaluate against independent references on tiny float64
+models: progressive_sharpening_metrics (fullbatch.py, vgg_sgd.py), end_of_training_metrics
+(batch_lr.py, train_regularisers.py), evaluate."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from references import (assert_same_state, class_batches, dense_gauss_newton, dense_hessian,
+                        dense_jacobian_norms, mlp, rel, state_of, top_dense)
+
+SMOOTH = common.cross_entropy(0.5)
+SHAPE = (5,)  # examples are 5-vectors: the BN MLP below keeps the dense references fast
+
+
+def bn_mlp(seed=0):
+    """Linear -> BatchNorm1d -> Tanh -> Linear, 69 parameters, float64, BN running statistics
+    and affine parameters moved off their defaults (so eval mode differs from train mode)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    g = torch.Generator().manual_seed(seed + 100)
+    bn = model[1]
+    bn.running_mean.copy_(torch.randn(6, generator=g, dtype=torch.float64))
+    bn.running_var.copy_(torch.rand(6, generator=g, dtype=torch.float64) + 0.5)
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(6, generator=g, dtype=torch.float64))
+        bn.bias.copy_(torch.randn(6, generator=g, dtype=torch.float64))
+    return model
+
+
+def eval_outputs(model, x):
+    """Eval-mode logits, set by hand (running BN statistics, dropout off)."""
+    flags = [m.training for m in model.modules()]
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    for m, f in zip(model.modules(), flags):
+        m.training = f
+    return out
+
+
+def reference_loss_and_accuracy(model, loss_fn, x, y):
+    out = eval_outputs(model, x)
+    return loss_fn(out, y).item(), (out.argmax(1) == y).double().mean().item()
+
+
+# ----------------------------------------------------------------------------- progressive sharpening
+
+
+def test_progressive_sharpening_metrics_match_dense_references_and_are_pure():
+    model = bn_mlp(seed=2).train()
+    x, y = class_batches([12], SHAPE, seed=5)[0]
+    SMOOTH(model(x), y).backward()  # a .grad in place, which the measurement must keep
+    before = state_of(model)
+    grads = [p.grad.clone() for p in model.parameters()]
+    row = common.progressive_sharpening_metrics(model, SMOOTH, x, y, ghost_batch_size=5,
+                                                tol=1e-8, with_output_norm=True)
+    assert model.training
+    assert_same_state(model, before)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    # ghost batches of 5, 5, 2, each normalised with its own BN statistics
+    ghosts = [(x[:5], y[:5]), (x[5:10], y[5:10]), (x[10:], y[10:])]
+    exact = top_dense(dense_hessian(model, SMOOTH, ghosts)).item()
+    assert rel(row["sharpness"], exact) < 1e-6
+    one_batch = common.sharpness(model, SMOOTH, [(x, y)], tol=1e-8)
+    assert rel(one_batch, exact) > 1e-3  # so the ghost batching is what was measured
+    assert 1 <= row["sharpness_matvecs"] <= 100
+    assert row["jacobian"] == pytest.approx(dense_jacobian_norms(model, x, True).max().item(),
+                                            rel=1e-8)
+    assert row["output_norm"] == pytest.approx(eval_outputs(model, x).norm().item(), rel=1e-10)
+
+
+def test_excess_loss_is_zero_at_the_smoothed_target():
+    target = torch.full((1, 10), 0.05).scatter_(1, torch.tensor([[3]]), 0.55)
+    ce = common.cross_entropy(0.5)(target.log(), torch.tensor([3])).item()
+    assert common.excess_loss(ce, 0.5, 10) == pytest.approx(0.0, abs=1e-6)
+    assert common.excess_loss(ce + 0.25, 0.5, 10) == pytest.approx(0.25, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- end of training
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A BN MLP after a few SGD steps, and data."""
+    model = bn_mlp(seed=1)
+    (x_train, y_train), (x_test, y_test) = class_batches([20, 11], SHAPE, seed=3)
+    data = common.Data(x_train, y_train, x_test, y_test, num_classes=3)
+    optimizer = common.sgd(model, 0.05)
+    for _ in range(3):
+        common.train_step(model, optimizer, SMOOTH, x_train, y_train, ghost_batch_size=5)
+    model.zero_grad(set_to_none=True)
+    return model, data
+
+
+def drawn_subset(n_total, n, seed):
+    """The documented rule: n indices without replacement from a generator seeded with seed,
+    sorted."""
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+def test_end_of_training_metrics_match_dense_references(trained):
+    model, data = trained
+    before = state_of(model)
+    got = common.end_of_training_metrics(model, SMOOTH, data, seed=7, measure_size=9,
+                                         ghost_batch_size=3, eig_tol=1e-9, gauss_newton=True,
+                                         batch_size=4)
+    assert_same_state(model, before)
+    assert model.training
+    # whole splits, eval mode; gap = |test - train|
+    train = reference_loss_and_accuracy(model, SMOOTH, data.x_train, data.y_train)
+    test = reference_loss_and_accuracy(model, SMOOTH, data.x_test, data.y_test)
+    assert got["train_loss"] == pytest.approx(train[0], rel=1e-12)
+    assert got["test_loss"] == pytest.approx(test[0], rel=1e-12)
+    assert (got["train_accuracy"], got["test_accuracy"]) == (train[1], test[1])
+    assert got["gap"] == pytest.approx(abs(test[0] - train[0]), rel=1e-12)
+    # curvature on the 9 examples drawn with the seed, BN in train mode per ghost batch of 3
+    idx = drawn_subset(20, 9, 7)
+    x, y = data.x_train[idx], data.y_train[idx]
+    ghosts = [(x[i:i + 3], y[i:i + 3]) for i in (0, 3, 6)]
+    assert rel(got["sharpness"], top_dense(dense_hessian(model, SMOOTH, ghosts)).item()) < 1e-6
+    assert rel(got["gauss_newton"],
+               top_dense(dense_gauss_newton(model, SMOOTH, ghosts)).item()) < 1e-6
+    assert got["jacobian"] == pytest.approx(dense_jacobian_norms(model, x, True).max().item(),
+                                            rel=1e-8)
+    # the checks above could fail: other examples, or one BN batch, give other numbers
+    first = [(data.x_train[i:i + 3], data.y_train[i:i + 3]) for i in (0, 3, 6)]
+    assert rel(got["sharpness"], common.sharpness(model, SMOOTH, first, tol=1e-8)) > 1e-3
+    assert rel(got["sharpness"], common.sharpness(model, SMOOTH, [(x, y)], tol=1e-8)) > 1e-3
+
+
+def test_end_of_training_metrics_draw_their_examples_with_the_seed(trained):
+    model, data = trained
+    a, b = (common.end_of_training_metrics(model, SMOOTH, data, seed=s, measure_size=6,
+                                           ghost_batch_size=6, eig_tol=1e-6) for s in (7, 8))
+    assert a["train_loss"] == b["train_loss"] and a["gap"] == b["gap"]  # whole splits
+    assert a["jacobian"] != b["jacobian"]
+    x = data.x_train[drawn_subset(20, 6, 8)]
+    assert b["jacobian"] == pytest.approx(dense_jacobian_norms(model, x, True).max().item(),
+                                          rel=1e-8)
+    # measure_size >= the training set: every example, in order
+    every = common.end_of_training_metrics(model, SMOOTH, data, seed=7, measure_size=20,
+                                           ghost_batch_size=10, eig_tol=1e-9)
+    halves = [(data.x_train[:10], data.y_train[:10]), (data.x_train[10:], data.y_train[10:])]
+    assert rel(every["sharpness"], top_dense(dense_hessian(model, SMOOTH, halves)).item()) < 1e-6
+    assert "gauss_newton" not in every
+
+
+def test_end_of_training_metrics_of_a_diverged_model_stop_at_the_losses(trained):
+    model, data = trained
+    broken = bn_mlp()
+    broken.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        broken[3].bias.fill_(math.inf)
+    got = common.end_of_training_metrics(broken, SMOOTH, data, seed=7, measure_size=6,
+                                         ghost_batch_size=3)
+    assert not math.isfinite(got["train_loss"])
+    assert set(got) == {"train_loss", "test_loss", "gap", "train_accuracy", "test_accuracy"}
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_uses_eval_mode_and_restores_the_mode(trained, training):
+    model, data = trained
+    model.train(training)
+    before = state_of(model)
+    loss, accuracy = common.evaluate(model, SMOOTH, data.x_test, data.y_test)
+    assert_same_state(model, before)  # mode restored, running statistics untouched
+    assert (loss, accuracy) == pytest.approx(
+        reference_loss_and_accuracy(model, SMOOTH, data.x_test, data.y_test), rel=1e-12)
+    # and eval mode is not train mode here: batch statistics would give another loss
+    with torch.no_grad():
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.track_running_stats = False
+        train_mode = SMOOTH(model(data.x_test), data.y_test).item()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.track_running_stats = True
+    model.train(training)
+    assert abs(train_mode - loss) > 1e-6
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 11, 100])
+def test_evaluate_chunking_does_not_change_the_result(trained, batch_size):
+    model, data = trained
+    whole = common.evaluate(model, SMOOTH, data.x_test, data.y_test)
+    chunked = common.evaluate(model, SMOOTH, data.x_test, data.y_test, batch_size=batch_size)
+    assert chunked[0] == pytest.approx(whole[0], rel=1e-12) and chunked[1] == whole[1]
+
+
+def test_evaluate_soft_targets_give_no_accuracy():
+    model = mlp(nn.Tanh)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    q = torch.softmax(torch.randn(6, 3, dtype=torch.float64), 1)
+    loss, accuracy = common.evaluate(model, F.cross_entropy, x, q, batch_size=4)
+    assert accuracy is None
+    with torch.no_grad():
+        expected = -(q * torch.log_softmax(model(x), 1)).sum(1).mean().item()
+    assert loss == pytest.approx(expected, rel=1e-12)
