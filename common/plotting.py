@@ -48,7 +48,7 @@ def new_figure(nrows=1, ncols=1, panel_size=(3.6, 2.8)):
     return fig, axes
 
 
-def save_figure(fig, stem, dpi=110):
+def save_figure(fig, stem, dpi=150):
     """Writes `<stem>.png` and `<stem>.pdf` atomically; returns their paths."""
     paths = []
     for ext in ("png", "pdf"):
