@@ -26,8 +26,8 @@ from .data import (DATASETS, STANDARDISATIONS, Data, DataError, check_data_file,
 from .estimators import (BN_TYPES, DROPOUT_TYPES, ConvergenceWarning, EigenResult, MeasureMode,
                          gauss_newton_norm, gauss_newton_operator, hessian_operator,
                          jacobian_norm, math_attention, no_tf32, sharpness, top_eigenvalues)
-from .measurements import (end_of_training_metrics, excess_loss, output_norm,
-                           progressive_sharpening_metrics)
+from .measurements import (eigenvalue_with_convergence, end_of_training_metrics, excess_loss,
+                           output_norm, progressive_sharpening_metrics, recorded_convergence)
 from .models import (ACTIVATIONS, INITS, MLP, MODELS, VGG11, VGG11_CONFIG, BasicBlock, Gaussian,
                      ResNet18, build_model)
 from .plotting import LINESTYLES, mean_std, new_figure, plot_band, plot_runs, plot_sweep, save_figure
