@@ -8,7 +8,7 @@ input-output Jacobian norm of the softmaxed model are tracked during training, w
 accuracy. The paper's finding: smaller scales give more Jacobian growth but less sharpness growth.
 
 Paper's run (real CIFAR-10 at <data-root>/cifar10.npz):
-    python small_network.py --data-root ../shared/data
+    python small_network.py --data-root DATA   (DATA: the folder holding cifar10.npz)
 Cost: not timed on a GPU; 69 minutes on 2 shared CPU cores with OMP_NUM_THREADS=1 (30 runs of
 about 2.3 minutes; plots/README.md).
 Smoke run (seconds): python small_network.py --smoke  (CIFAR-10 if --data-root holds it, else a
