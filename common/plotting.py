@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runs import atomic_write, config_hash, load_json, metric_series, save_json
+from .runs import atomic_write, config_hash, metric_series
 
 UNCONVERGED_LABEL = "eigensolver not converged"
 
@@ -50,39 +50,45 @@ def new_figure(nrows=1, ncols=1, panel_size=(3.6, 2.8)):
     return fig, axes
 
 
+SETTINGS_KEY = "Settings-hash"  # PNG text chunk naming the settings a figure shows
+
+
+def _figure_settings(png):
+    """The settings hash stored in a PNG written by save_figure, or None."""
+    try:
+        from PIL import Image
+        with Image.open(png) as image:
+            return image.info.get(SETTINGS_KEY)
+    except Exception:  # unreadable or not ours: treated as other settings
+        return None
+
+
 def _settings_stem(stem, settings):
-    """The stem to write a figure of `settings` to: `stem` itself, unless a figure of other
-    settings is there already (per its `<stem>.settings.json`, or a figure without one); then
-    `<stem>-<hash of settings>`, said on the terminal. Records the settings' hash next to it."""
+    """(stem, hash): `stem` itself, unless a figure of other settings is there already (per the
+    hash in its PNG, or a PNG without one); then `<stem>-<hash of settings>`, said on the
+    terminal."""
     if settings is None:
-        return stem
+        return stem, None
     digest = config_hash(settings)
-    record = Path(f"{stem}.settings.json")
-    if Path(f"{stem}.png").exists():
-        try:
-            other = load_json(record).get("settings_hash") if record.exists() else None
-        except (OSError, ValueError, AttributeError):
-            other = None
-        if other != digest:
-            print(f"{stem}.png holds a figure of other settings: writing {stem}-{digest}.png")
-            stem = f"{stem}-{digest}"
-            record = Path(f"{stem}.settings.json")
-    save_json(record, {"settings_hash": digest, "runs": len(settings)})
-    return stem
+    if Path(f"{stem}.png").exists() and _figure_settings(f"{stem}.png") != digest:
+        print(f"{stem}.png holds a figure of other settings: writing {stem}-{digest}.png")
+        stem = f"{stem}-{digest}"
+    return stem, digest
 
 
 def save_figure(fig, stem, dpi=110, settings=None):
     """Writes `<stem>.png` and `<stem>.pdf` atomically; returns their paths.
 
-    settings: what tells this figure apart (e.g. the configs of the runs plotted). Given, a
-    figure of other settings at `stem` is never overwritten: this one goes to
-    `<stem>-<hash of settings>` instead.
+    settings: what tells this figure apart (e.g. the configs of the runs plotted). Given, its
+    hash is stored in the PNG, and a figure of other settings at `stem` is never overwritten:
+    this one goes to `<stem>-<hash of settings>` instead.
     """
-    stem = _settings_stem(stem, settings)
+    stem, digest = _settings_stem(stem, settings)
     paths = []
     for ext in ("png", "pdf"):
         path = Path(f"{stem}.{ext}")
-        atomic_write(path, lambda f: fig.savefig(f, format=ext, dpi=dpi))
+        metadata = {SETTINGS_KEY: digest} if digest and ext == "png" else None
+        atomic_write(path, lambda f: fig.savefig(f, format=ext, dpi=dpi, metadata=metadata))
         paths.append(path)
     return paths
 
