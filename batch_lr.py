@@ -23,7 +23,8 @@ cell is set by the iterations it needs to reach the target loss, which were not 
 paper scale: a cell needing 20 000 iterations costs about 7 minutes, and the 300 cells of the
 default grid at that average would take about 35 H100-hours (the small learning rates and large
 batches need far more iterations than that).
-Smoke run (synthetic data, seconds): python batch_lr.py --smoke --datasets synthetic-cifar10
+Smoke run (seconds): python batch_lr.py --smoke  (the data sets present under --data-root, else a
+synthetic stand-in of CIFAR-10, said on the terminal and in the plot titles)
 
 Writes, under --out (default results/batch_lr; results/batch_lr_smoke with --smoke):
     <model=..._dataset=..._lr=..._batch_size=..._trial=...-hash>/{config,metrics,result}.json
@@ -69,24 +70,24 @@ def parse_args(argv=None):
                         choices=list(common.MODELS))
     parser.add_argument("--datasets", nargs="+", default=["cifar10", "cifar100"],
                         choices=list(common.DATASETS))
-    parser.add_argument("--lrs", nargs="+", type=float, default=[0.1, 0.01, 0.001])
+    parser.add_argument("--lrs", nargs="+", type=common.finite_float, default=[0.1, 0.01, 0.001])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 128, 256, 512, 1024])
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--momentum", type=float, default=0.0)
+    parser.add_argument("--weight-decay", type=common.finite_float, default=1e-4)
+    parser.add_argument("--momentum", type=common.finite_float, default=0.0)
     parser.add_argument("--eval-every", type=int, default=100,
                         help="iterations between full-training-set losses")
     parser.add_argument("--window", type=int, default=10,
                         help="stop when the mean of the last WINDOW such losses is below target")
-    parser.add_argument("--target-loss", type=float, default=None,
+    parser.add_argument("--target-loss", type=common.finite_float, default=None,
                         help="stopping loss (default: 0.01 for CIFAR-10, 0.02 for CIFAR-100)")
     parser.add_argument("--max-iterations", type=int, default=500_000,
                         help="safety cap on iterations per cell")
-    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier of the model")
+    parser.add_argument("--width", type=common.finite_float, default=1.0, help="channel multiplier of the model")
     parser.add_argument("--train-size", type=int, default=None,
                         help="train on N training images drawn at random with --seed (default: all)")
     parser.add_argument("--test-size", type=int, default=None, help="test on N test images drawn at random with --seed (default: all)")
     common.add_grid_flags(parser, measure_size=2000)
-    smoke = dict(out="results/batch_lr_smoke", models=["vgg11"], lrs=[0.1, 0.01], batch_sizes=[16, 32],
+    smoke = dict(out="results/batch_lr_smoke", datasets=["present"], models=["vgg11"], lrs=[0.1, 0.01], batch_sizes=[16, 32],
                  trials=1, train_size=64, test_size=64, measure_size=16, width=0.125, eval_every=4,
                  window=2, max_iterations=8, eig_tol=3e-2, eig_max_iter=20)
     args = common.parse_with_smoke(parser, argv, smoke)
@@ -95,6 +96,7 @@ def parse_args(argv=None):
 
 
 def validate(args):
+    common.check_width(args)
     common.check_positive(args, "lrs", "batch_sizes", "eval_every", "window", "max_iterations",
                           "width", "measure_size", "eig_tol", "eig_max_iter", "checkpoint_seconds")
     common.check(args.weight_decay >= 0, f"--weight-decay must be non-negative, got {args.weight_decay}")
@@ -255,9 +257,13 @@ def plot(args, runs):
             number = FIGURES.get((model, dataset.removeprefix("synthetic-")))
             for x_key, style_key, offset, suffix in (("lr", "batch_size", 0, "vs_lr"),
                                                      ("batch_size", "lr", 4, "vs_batch")):
-                fig = sweep_figure(mine, x_key, style_key, f"{model}, {dataset}", correlations[name])
+                reduced = not (args.width == 1 and args.train_size is None)
+                title = (f"{model}, {common.dataset_label(dataset)}, "
+                         f"{common.scale_label(args, reduced)}")
+                fig = sweep_figure(mine, x_key, style_key, title, correlations[name])
                 stem = f"fig{number + offset}_{name}_{suffix}" if number else f"{name}_{suffix}"
-                paths += common.save_figure(fig, f"{args.out}/plots/{stem}")
+                paths += common.save_figure(fig, f"{args.out}/plots/{stem}",
+                                            settings=[r["config"] for r in mine])
     common.save_json(f"{args.out}/plots/correlations.json", correlations)
     return paths, correlations
 
@@ -285,8 +291,7 @@ def train_pending(args, cells):
     """Trains every cell selected by --grid-index (all if absent) that is not finished yet,
     keeping one data set on the device at a time."""
     device = common.resolve_device(args.device)
-    pending = [c for c in common.selected_cells(args, cells)
-               if not common.Run(args.out, c, RUN_KEYS).done]
+    pending = common.pending_runs(args.out, common.selected_cells(args, cells), RUN_KEYS)
     data = {}
     for config in pending:
         if config["dataset"] not in data:
@@ -315,4 +320,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_main(main, parse_args)

@@ -69,18 +69,19 @@ def parse_args(argv=None):
                         choices=["gaussian", "relu"])
     parser.add_argument("--hidden-width", type=int, default=256,
                         help="units per hidden layer")
-    parser.add_argument("--sigma", type=float, default=0.1, help="Gaussian activation width")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--sigma", type=common.finite_float, default=0.1,
+                        help="Gaussian activation width")
+    parser.add_argument("--lr", type=common.finite_float, default=1e-4)
+    parser.add_argument("--momentum", type=common.finite_float, default=0.9)
     parser.add_argument("--gaussian-epochs", type=int, default=EPOCHS["gaussian"],
                         help="full-batch epochs of the Gaussian networks")
     parser.add_argument("--relu-epochs", type=int, default=EPOCHS["relu"],
                         help="full-batch epochs of the ReLU networks")
-    parser.add_argument("--low-freq-std", type=float, default=0.1,
+    parser.add_argument("--low-freq-std", type=common.finite_float, default=0.1,
                         help="std of the Gaussian net's low-frequency first layer")
     parser.add_argument("--pretrain-steps", type=int, default=5000,
                         help="Adam steps fitting sin(6 pi x) for the ReLU high-frequency init")
-    parser.add_argument("--pretrain-lr", type=float, default=1e-4,
+    parser.add_argument("--pretrain-lr", type=common.finite_float, default=1e-4,
                         help="Adam learning rate of the high-frequency ReLU pretraining")
     parser.add_argument("--pretrain-points", type=int, default=128,
                         help="points of sin(6 pi x) the high-frequency ReLU init is pretrained on")
@@ -243,7 +244,8 @@ def measure(trials, x, y, grid_points=401):
     """Per trial: final loss, Jacobian norm over the training points, sharpness, first-layer
     weight norm; and the fitted function on a grid of [-1, 1] for Figure 32."""
     grid = torch.linspace(-1, 1, grid_points, device=x.device).unsqueeze(1)
-    out = {k: [] for k in ("loss", "jacobian", "sharpness", "first_layer_norm")}
+    out = {k: [] for k in ("loss", "jacobian", "sharpness", "sharpness_converged",
+                           "first_layer_norm")}
     with torch.no_grad():
         out["loss"] = trials.losses(x, y).cpu().tolist()
         out["fit"] = trials(grid)[..., 0].cpu().tolist()  # (T, grid_points)
@@ -252,7 +254,11 @@ def measure(trials, x, y, grid_points=401):
         model = trials.model(t)
         finite = math.isfinite(out["loss"][t])
         out["jacobian"].append(common.jacobian_norm(model, x, softmax=False) if finite else math.nan)
-        out["sharpness"].append(common.sharpness(model, F.mse_loss, [(x, y)]) if finite else math.nan)
+        row = (common.eigenvalue_with_convergence(common.sharpness, "sharpness", model,
+                                                  F.mse_loss, [(x, y)]) if finite
+               else {"sharpness": math.nan, "sharpness_converged": None})
+        out["sharpness"].append(row["sharpness"])
+        out["sharpness_converged"].append(row["sharpness_converged"])
         out["first_layer_norm"].append(model.linears()[0].weight.norm().item())
     return out
 
@@ -300,6 +306,10 @@ def write_tables(args, runs, stem):
             cells = [f"{mine[i, q][0]:.4g} ± {mine[i, q][1]:.2g} (n={mine[i, q][2]})"
                      if (i, q) in mine else "not run" for i in ("high", "low")]
             md.append(f"| {name} | {cells[0]} | {cells[1]} |\n")
+    loose = [f"{r['config']['activation']}/{r['config']['init']} trial {t}" for r in runs
+             for t, c in enumerate(r["result"].get("sharpness_converged", [])) if c is False]
+    if loose:
+        md.append(f"\nSharpness not converged (Lanczos stopped at max_iter): {', '.join(loose)}\n")
     common.atomic_write(f"{stem}.md", lambda f: f.write("".join(md)), mode="w")
     return [f"{stem}.md", f"{stem}.csv"]
 
@@ -307,9 +317,9 @@ def write_tables(args, runs, stem):
 # ----------------------------------------------------------------------------- plotting
 
 
-def plot_fits(runs, stem):
+def plot_fits(runs, stem, subtitle=None):
     """Figure 32: one panel per activation, the data and every trial's fit (trial 0 bold),
-    line style per initialisation."""
+    line style per initialisation; `subtitle` names the data and scale."""
     x, y = training_points()
     activations = [a for a in ("gaussian", "relu") if any(r["config"]["activation"] == a for r in runs)]
     fig, axes = common.new_figure(1, len(activations), panel_size=(4.5, 3.2))
@@ -327,7 +337,9 @@ def plot_fits(runs, stem):
         ax.set_ylim(-2.5, 2.5)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="lower right")
-    return common.save_figure(fig, stem)
+    if subtitle:
+        fig.suptitle(subtitle)
+    return common.save_figure(fig, stem, settings=[r["config"] for r in runs])
 
 
 # ----------------------------------------------------------------------------- main
@@ -341,17 +353,19 @@ def main(args):
         if device.type == "cpu":
             torch.set_num_threads(1)  # matrices of 8 x 256: extra threads only cost synchronisation
         try:
-            for config in configs:
+            for config in common.pending_runs(args.out, configs, RUN_KEYS):
                 train(config, args, device)
         finally:
             torch.set_num_threads(threads)
     runs = common.saved_runs_or_fail(args.out, configs, RUN_KEYS)
     common.save_runs_summary(runs, f"{args.out}/plots/runs.json")
-    paths = plot_fits(runs, f"{args.out}/plots/fig32_fits")
+    scale = common.scale_label(args, args.hidden_width != 256)
+    paths = plot_fits(runs, f"{args.out}/plots/fig32_fits",
+                      subtitle=f"8 points of sin(pi x) (the paper's data), {scale}")
     paths += write_tables(args, runs, f"{args.out}/plots/tables")
     for path in paths:
         print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_main(main, parse_args)

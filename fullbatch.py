@@ -25,7 +25,8 @@ iteration counts to 99% accuracy were not measured; if they are 2000 / 4000 / 80
 0.04 / 0.02 (an assumption), the 90 runs take about 53 H100-hours (VGG11) + 182 (ResNet18).
 The reduced-scale Figure 1 in plots/fullbatch (VGG11 width 1/8, 500 images, 3 trials, 9 runs of
 about 100 iterations) took 11 minutes on 2 shared CPU cores; command in plots/README.md.
-Smoke run (synthetic data, seconds): python fullbatch.py --smoke
+Smoke run (seconds): python fullbatch.py --smoke  (CIFAR-10 if --data-root holds it, else a
+synthetic stand-in, said on the terminal and in the plot titles)
 Data-parallel on K GPUs (or CPU processes):
     torchrun --standalone --nproc_per_node=K fullbatch.py ...
     each step's ghost batches (and the measurements' ghost batches and Jacobian inputs) are
@@ -71,18 +72,18 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS))
     parser.add_argument("--models", nargs="+", default=["vgg11", "resnet18"],
                         choices=list(common.MODELS))
-    parser.add_argument("--lrs", nargs="+", type=float, default=[0.08, 0.04, 0.02])
-    parser.add_argument("--smoothings", nargs="+", type=float, default=[0.0, 0.5, 0.75],
+    parser.add_argument("--lrs", nargs="+", type=common.finite_float, default=[0.08, 0.04, 0.02])
+    parser.add_argument("--smoothings", nargs="+", type=common.finite_float, default=[0.0, 0.5, 0.75],
                         help="label smoothings; the unsmoothed run (0) sets the others' length")
     parser.add_argument("--trial-index", type=int, default=None,
                         help="run only this trial (0 <= T < --trials), e.g. one Slurm task")
-    parser.add_argument("--width", type=float, default=1.0, help="channel-width multiplier")
+    parser.add_argument("--width", type=common.finite_float, default=1.0, help="channel-width multiplier")
     parser.add_argument("--train-size", type=int, default=None,
                         help="train on N training images drawn at random with --seed "
                              "(default: all 50000)")
     parser.add_argument("--ghost-batch-size", type=int, default=5000,
                         help="examples per ghost batch (BN statistics and gradient chunk)")
-    parser.add_argument("--target-accuracy", type=float, default=0.99,
+    parser.add_argument("--target-accuracy", type=common.finite_float, default=0.99,
                         help="the unsmoothed run stops at this training accuracy")
     parser.add_argument("--max-iterations", type=int, default=20000,
                         help="the unsmoothed run stops here if the target is not reached")
@@ -90,21 +91,22 @@ def parse_args(argv=None):
                         help="iterations between measurements; 0: 5/10/20 by learning rate")
     parser.add_argument("--measure-size", type=int, default=2500,
                         help="training images (fixed random subset) for sharpness and Jacobian")
-    parser.add_argument("--eig-tol", type=float, default=1e-3,
+    parser.add_argument("--eig-tol", type=common.finite_float, default=1e-3,
                         help="relative error of the sharpness estimate (Lanczos)")
     parser.add_argument("--eig-max-iter", type=int, default=100, help="most Lanczos steps")
-    parser.add_argument("--checkpoint-seconds", type=float, default=300.0,
+    parser.add_argument("--checkpoint-seconds", type=common.finite_float, default=300.0,
                         help="least time between checkpoints (taken at measurements)")
     parser.add_argument("--bn-check-batch-sizes", nargs="+", type=int, default=None,
                         help="at the last iteration, also take the softmax Jacobian of 16 "
                              "measurement images with BN in train mode in batches of these sizes, "
                              "beside eval mode (Theorem A.1; figA1_bn_modes)")
     # --smoke: tiny sizes on synthetic data, in their own folder; options given explicitly win
-    smoke = dict(out="results/fullbatch_smoke", dataset="synthetic-cifar10", models=["vgg11"],
+    smoke = dict(out="results/fullbatch_smoke", dataset="present", models=["vgg11"],
                  lrs=[0.08], trials=2, width=0.0625, train_size=64, ghost_batch_size=32,
                  measure_size=16, max_iterations=4, measure_every=2, eig_tol=1e-2,
                  eig_max_iter=10)
     args = common.parse_with_smoke(parser, argv, smoke)
+    common.check_width(args)
     common.check_positive(args, "lrs", "width", "ghost_batch_size", "max_iterations",
                           "measure_size", "eig_tol", "eig_max_iter")
     common.check_unit_interval(args, "smoothings", "target_accuracy")
@@ -327,21 +329,25 @@ def plot(args, runs):
             if not mine:
                 continue
             trials = len({r["config"]["trial"] for r in mine})
-            scale = "" if args.width == 1 and args.train_size is None else \
-                f", width {args.width:g}, {args.train_size or 50000} images"
+            reduced = not (args.width == 1 and args.train_size is None)
+            scale = f", width {args.width:g}, {args.train_size or 50000} images" if reduced else ""
             fig, panels = common.plot_runs(mine, list(METRIC_LABELS), "smoothing",
                                            labels=METRIC_LABELS, style_label="smoothing",
                                            log_metrics=("jacobian",),
                                            title=f"{model}, full-batch GD, lr {lr:g}{scale}: "
-                                                 f"mean ± std over {trials} trials")
+                                                 f"mean ± std over {trials} trials\n"
+                                                 f"{common.dataset_label(args.dataset)}, "
+                                                 f"{common.scale_label(args, reduced)}")
             ax = panels["sharpness"]
             ax.axhline(2 / lr, color="grey", linewidth=0.8, linestyle=":", label="2 / lr")
             ax.legend(fontsize="small")
             stem = f"{PAPER_FIGURES.get((model, lr), 'fig')}_{model}_lr{lr:g}"
-            paths += common.save_figure(fig, f"{args.out}/plots/{stem}")
+            paths += common.save_figure(fig, f"{args.out}/plots/{stem}",
+                                        settings=[r["config"] for r in mine])
     checked = [r for r in runs if r["result"].get("bn_jacobian")]
     if checked:
-        paths += common.save_figure(bn_modes_figure(checked), f"{args.out}/plots/figA1_bn_modes")
+        paths += common.save_figure(bn_modes_figure(checked), f"{args.out}/plots/figA1_bn_modes",
+                                    settings=[r["config"] for r in checked])
     return paths
 
 
@@ -383,7 +389,7 @@ def main(args):
         data = None
         for model, lr, trial in cells(args):
             configs = cell_configs(args, model, lr, trial)
-            pending = [c for c in configs if not common.Run(args.out, c, RUN_KEYS).done]
+            pending = common.pending_runs(args.out, configs, RUN_KEYS)
             if pending:  # the smoothed configs appear once the unsmoothed run is saved
                 data = data or load_inputs(args, device)
                 run_cell(args, data, device, model, lr, trial, group)
@@ -400,4 +406,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_main(main, parse_args)

@@ -8,10 +8,11 @@ input-output Jacobian norm of the softmaxed model are tracked during training, w
 accuracy. The paper's finding: smaller scales give more Jacobian growth but less sharpness growth.
 
 Paper's run (real CIFAR-10 at <data-root>/cifar10.npz):
-    python small_network.py --data-root ../shared/data
+    python small_network.py --data-root DATA   (DATA: the folder holding cifar10.npz)
 Cost: not timed on a GPU; 69 minutes on 2 shared CPU cores with OMP_NUM_THREADS=1 (30 runs of
 about 2.3 minutes; plots/README.md).
-Smoke run (synthetic data, seconds): python small_network.py --smoke --dataset synthetic-cifar10
+Smoke run (seconds): python small_network.py --smoke  (CIFAR-10 if --data-root holds it, else a
+synthetic stand-in, said on the terminal and in the plot titles)
 
 Writes, under --out (default results/small_network; results/small_network_smoke with --smoke):
     <activation=..._scale=..._trial=...-hash>/{config,metrics,result}.json   one per run
@@ -49,12 +50,12 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS))
     parser.add_argument("--activations", nargs="+", default=["relu", "tanh"], help="a figure each",
                         choices=list(common.ACTIVATIONS))
-    parser.add_argument("--scales", nargs="+", type=float, default=[0.5, 1.0, 1.5],
+    parser.add_argument("--scales", nargs="+", type=common.finite_float, default=[0.5, 1.0, 1.5],
                         help="factors multiplying the standardised inputs")
     parser.add_argument("--hidden-width", type=int, default=200,
                         help="units per hidden layer")
     parser.add_argument("--depth", type=int, default=3, help="number of linear layers")
-    parser.add_argument("--lr", type=float, default=0.2)
+    parser.add_argument("--lr", type=common.finite_float, default=0.2)
     parser.add_argument("--iterations", type=int, default=300, help="full-batch gradient steps")
     parser.add_argument("--train-first", type=int, default=5000,
                         help="train on the first N training images (the paper's choice)")
@@ -63,8 +64,8 @@ def parse_args(argv=None):
                         help="training images (fixed random subset) used for sharpness and Jacobian")
     parser.add_argument("--ghost-batch-size", type=int, default=5000,
                         help="examples per ghost batch of the gradient pass (memory; the MLP has no BN)")
-    smoke = dict(out="results/small_network_smoke", trials=2, train_first=200, measure_size=100,
-                 iterations=6, measure_every=3, hidden_width=32)
+    smoke = dict(out="results/small_network_smoke", dataset="present", trials=2, train_first=200,
+                 measure_size=100, iterations=6, measure_every=3, hidden_width=32)
     args = common.parse_with_smoke(parser, argv, smoke)
     common.check_positive(args, "scales", "hidden_width", "depth", "lr", "iterations",
                           "train_first",
@@ -151,7 +152,8 @@ def train(config, args, data, measure_idx, device):
 def measure(model, loss_fn, x, y):
     """Sharpness, softmax Jacobian norm and last-hidden-feature spectral norm on (x, y)."""
     batches = [(x[s], y[s]) for s in common.index_chunks(len(x), 2500)]
-    return {"sharpness": common.sharpness(model, loss_fn, batches),
+    return {**common.eigenvalue_with_convergence(common.sharpness, "sharpness", model, loss_fn,
+                                                 batches),
             "jacobian": common.jacobian_norm(model, x, softmax=True),
             "feature_norm": last_feature_norm(model, x)}
 
@@ -177,14 +179,17 @@ def plot(args, runs):
         fig, panels = common.plot_runs(mine, list(METRIC_LABELS), "scale", labels=METRIC_LABELS,
                                style_label="input scale", log_metrics=("loss",), ncols=3,
                                title=f"{activation} MLP, width {args.hidden_width}, lr {args.lr:g}: "
-                                     f"mean ± std over {trials} trials")
+                                     f"mean ± std over {trials} trials\n"
+                                     f"{common.dataset_label(args.dataset)}, "
+                                     f"{common.scale_label(args, args.train_first != 5000)}")
         ax = panels["sharpness"]
         ax.axhline(2 / args.lr, color="grey", linewidth=0.8, linestyle=":")
         ax.annotate("2 / lr", (1, 2 / args.lr), xycoords=ax.get_yaxis_transform(),
                              xytext=(-3, -3), textcoords="offset points", ha="right", va="top",
                              color="grey", fontsize="small")  # gradient descent's stability limit
         stem = PAPER_FIGURES.get(activation, f"fig_{activation}")
-        paths += common.save_figure(fig, f"{args.out}/plots/{stem}")
+        paths += common.save_figure(fig, f"{args.out}/plots/{stem}",
+                                    settings=[r["config"] for r in mine])
     return paths
 
 
@@ -193,8 +198,8 @@ def plot(args, runs):
 
 def main(args):
     configs = run_configs(args)
-    pending = [c for c in configs if not common.Run(args.out, c, RUN_KEYS).done]
-    if pending and not args.plot_only:
+    pending = [] if args.plot_only else common.pending_runs(args.out, configs, RUN_KEYS)
+    if pending:
         device = common.resolve_device(args.device)
         data, measure_idx = load_inputs(args, device)
         for config in pending:
@@ -206,4 +211,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_main(main, parse_args)

@@ -24,7 +24,8 @@ end-of-training metrics 3.8 s / 7.3 s. A 90-epoch cell is about 4 minutes (VGG11
 (ResNet18), 9 / 16 with SAM. The grid has 2 x 2 x 2 x 21 settings (4 + 5 + 5 + 5 + 5 sweep
 points, the baseline shared by four sweeps counted once) x 2 initial learning rates x 5 trials =
 1680 cells: about 185 H100-hours in all.
-Smoke run (synthetic data, seconds): python train_regularisers.py --smoke --datasets synthetic-cifar10
+Smoke run (seconds): python train_regularisers.py --smoke  (the data sets present under --data-root, else a
+synthetic stand-in of CIFAR-10, said on the terminal and in the plot titles)
 
 Writes, under --out (default results/train_regularisers; results/train_regularisers_smoke
 with --smoke):
@@ -78,33 +79,39 @@ def parse_args(argv=None):
     parser.add_argument("--datasets", nargs="+", default=["cifar10", "cifar100"],
                         choices=list(common.DATASETS))
     parser.add_argument("--models", nargs="+", default=["vgg11", "resnet18"], choices=list(common.MODELS))
-    parser.add_argument("--batch-norm", nargs="+", default=["without", "with"], choices=list(BATCH_NORM),
+    parser.add_argument("--batch-norm", nargs="+", default=["without", "with"],
+                        choices=list(BATCH_NORM),
                         help="networks with and/or without BatchNorm (a figure each)")
     parser.add_argument("--sweeps", nargs="+", default=list(SWEEPS), choices=list(SWEEPS),
                         help="regularisers to sweep (a figure row each)")
-    parser.add_argument("--lrs", nargs="+", type=float, default=[0.1, 0.01],
+    parser.add_argument("--lrs", nargs="+", type=common.finite_float, default=[0.1, 0.01],
                         help="initial learning rates (a line style each)")
-    parser.add_argument("--weight-decay", type=float, default=5e-4, help="outside the weight-decay sweep")
-    parser.add_argument("--weight-decays", nargs="+", type=float, default=[0.0, 1e-4, 5e-4, 1e-3],
+    parser.add_argument("--weight-decay", type=common.finite_float, default=5e-4,
+                        help="outside the weight-decay sweep")
+    parser.add_argument("--weight-decays", nargs="+", type=common.finite_float,
+                        default=[0.0, 1e-4, 5e-4, 1e-3],
                         help="weight decays of the weight-decay sweep")
-    parser.add_argument("--smoothings", nargs="+", type=float, default=[0.0, 0.1, 0.2, 0.4, 0.6])
-    parser.add_argument("--mixup-betas", nargs="+", type=float, default=[0.0, 0.1, 0.2, 0.5, 1.0],
+    parser.add_argument("--smoothings", nargs="+", type=common.finite_float,
+                        default=[0.0, 0.1, 0.2, 0.4, 0.6])
+    parser.add_argument("--mixup-betas", nargs="+", type=common.finite_float,
+                        default=[0.0, 0.1, 0.2, 0.5, 1.0],
                         help="mixup Beta(beta, beta) parameters (0: Bernoulli(1/2), as in the paper)")
-    parser.add_argument("--augment-ps", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+    parser.add_argument("--augment-ps", nargs="+", type=common.finite_float,
+                        default=[0.0, 0.25, 0.5, 0.75, 1.0],
                         help="probabilities of augmenting an image (crop and flip)")
-    parser.add_argument("--sam-rhos", nargs="+", type=float, default=[0.0, 0.01, 0.02, 0.05, 0.1],
-                        help="SAM radii rho (0: plain SGD)")
+    parser.add_argument("--sam-rhos", nargs="+", type=common.finite_float,
+                        default=[0.0, 0.01, 0.02, 0.05, 0.1], help="SAM radii rho (0: plain SGD)")
     parser.add_argument("--epochs", type=int, default=90)
     parser.add_argument("--milestones", nargs="*", type=int, default=[50, 80],
                         help="epochs after which the learning rate is divided by 10")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier of the model")
+    parser.add_argument("--momentum", type=common.finite_float, default=0.9)
+    parser.add_argument("--width", type=common.finite_float, default=1.0, help="channel multiplier of the model")
     parser.add_argument("--train-size", type=int, default=None,
                         help="train on N training images drawn at random with --seed (default: all)")
     parser.add_argument("--test-size", type=int, default=None, help="test on N test images drawn at random with --seed (default: all)")
     common.add_grid_flags(parser, measure_size=1000)
-    smoke = dict(out="results/train_regularisers_smoke", models=["vgg11"], batch_norm=["with"],
+    smoke = dict(out="results/train_regularisers_smoke", datasets=["present"], models=["vgg11"], batch_norm=["with"],
                  lrs=[0.05], trials=1, weight_decays=[0.0, 5e-4], smoothings=[0.0, 0.2],
                  mixup_betas=[0.0, 1.0], augment_ps=[0.0, 1.0], sam_rhos=[0.0, 0.05], epochs=2,
                  milestones=[1], train_size=64, test_size=64, batch_size=32, width=0.125,
@@ -115,6 +122,7 @@ def parse_args(argv=None):
 
 
 def validate(args):
+    common.check_width(args)
     common.check_positive(args, "lrs", "epochs", "batch_size", "width", "measure_size", "eig_tol",
                           "eig_max_iter", "checkpoint_seconds")
     for name in ("weight_decay", "weight_decays", "mixup_betas", "sam_rhos"):
@@ -283,11 +291,14 @@ def plot(args, out):
                              f"τ(gap, sharp) = {tau['tau_gap_sharpness']:.2f}", fontsize="small")
             row[0].legend(fontsize="x-small")
         trials = max(len({r["config"]["trial"] for r in runs}) for _, runs in rows)
-        fig.suptitle(f"{model} {'with' if bn else 'without'} BN on {dataset}: end of training, "
+        reduced = not (args.width == 1 and args.train_size is None)
+        fig.suptitle(f"{model} {'with' if bn else 'without'} BN on {common.dataset_label(dataset)}"
+                     f", {common.scale_label(args, reduced)}: end of training, "
                      f"mean ± std over {trials} trials (τ: Kendall, over cells)")
         number = FIGURES.get((dataset.removeprefix("synthetic-"), model, bn))
         stem = f"fig{number}_{name}" if number else name
-        paths += common.save_figure(fig, f"{out}/plots/{stem}")
+        paths += common.save_figure(fig, f"{out}/plots/{stem}",
+                                    settings=[r["config"] for _, runs in rows for r in runs])
     common.save_json(f"{out}/plots/correlations.json", correlations)
     return paths, correlations
 
@@ -299,8 +310,7 @@ def train_pending(args, cells):
     """Trains every cell selected by --grid-index (all if absent) that is not finished yet,
     keeping one data set on the device at a time."""
     device = common.resolve_device(args.device)
-    pending = [c for c in common.selected_cells(args, cells)
-               if not common.Run(args.out, c, RUN_KEYS).done]
+    pending = common.pending_runs(args.out, common.selected_cells(args, cells), RUN_KEYS)
     data = {}
     for config in pending:
         if config["dataset"] not in data:
@@ -330,4 +340,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_main(main, parse_args)

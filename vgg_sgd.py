@@ -19,7 +19,8 @@ minutes: the default run (3 smoothings, 1 trial) about 0.6 H100-hours. The reduc
 Figure 28 in plots/vgg_sgd (VGG11 width 1/8, one epoch of all 50000 images, measurements every
 20 iterations on 250 images) took 4-5 minutes per trial on 2 shared CPU cores; command in
 plots/README.md.
-Smoke run (synthetic data, seconds): python vgg_sgd.py --smoke
+Smoke run (seconds): python vgg_sgd.py --smoke  (CIFAR-10 if --data-root holds it, else a
+synthetic stand-in, said on the terminal and in the plot titles)
 
 Writes, under --out (default results/vgg_sgd):
     <smoothing=..._trial=...-hash>/{config,metrics,result}.json (checkpoint.pt while running;
@@ -65,13 +66,13 @@ def parse_args(argv=None):
     parser = common.make_parser(__doc__, trials=1, out="results/vgg_sgd")
     parser.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS))
     parser.add_argument("--model", default="vgg11", choices=list(common.MODELS))
-    parser.add_argument("--smoothings", nargs="+", type=float, default=[0.0, 0.5, 0.75])
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--momentum", type=float, default=0.0)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--smoothings", nargs="+", type=common.finite_float, default=[0.0, 0.5, 0.75])
+    parser.add_argument("--lr", type=common.finite_float, default=0.01)
+    parser.add_argument("--momentum", type=common.finite_float, default=0.0)
+    parser.add_argument("--weight-decay", type=common.finite_float, default=0.0)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=90)
-    parser.add_argument("--width", type=float, default=1.0, help="channel-width multiplier")
+    parser.add_argument("--width", type=common.finite_float, default=1.0, help="channel-width multiplier")
     parser.add_argument("--train-size", type=int, default=None,
                         help="train on N training images drawn at random with --seed "
                              "(default: all 50000)")
@@ -83,18 +84,19 @@ def parse_args(argv=None):
                         help="training images (fixed random subset) for the measurements")
     parser.add_argument("--ghost-batch-size", type=int, default=None,
                         help="ghost batch for the sharpness (default: --batch-size)")
-    parser.add_argument("--eig-tol", type=float, default=1e-3,
+    parser.add_argument("--eig-tol", type=common.finite_float, default=1e-3,
                         help="relative error of the sharpness estimate (Lanczos)")
     parser.add_argument("--eig-max-iter", type=int, default=100, help="most Lanczos steps")
-    parser.add_argument("--checkpoint-seconds", type=float, default=300.0,
+    parser.add_argument("--checkpoint-seconds", type=common.finite_float, default=300.0,
                         help="least time between checkpoints (taken at measurements)")
     # --smoke: tiny sizes on synthetic data, in their own folder; options given explicitly win
-    smoke = dict(out="results/vgg_sgd_smoke", dataset="synthetic-cifar10", width=0.0625,
+    smoke = dict(out="results/vgg_sgd_smoke", dataset="present", width=0.0625,
                  train_size=64, batch_size=16, epochs=3, measure_every=2, measure_size=16,
                  eig_tol=1e-2, eig_max_iter=10)
     args = common.parse_with_smoke(parser, argv, smoke)
     if args.ghost_batch_size is None:
         args.ghost_batch_size = args.batch_size
+    common.check_width(args)
     common.check_positive(args, "lr", "batch_size", "epochs", "width", "measure_every",
                           "measure_every_epochs", "measure_size", "ghost_batch_size",
                           "eig_tol", "eig_max_iter")
@@ -258,9 +260,10 @@ def plot(args, runs):
     per_epoch = runs[0]["result"].get("steps_per_epoch") or steps_per_epoch(
         runs[0]["config"], args.train_size or 50000)
     trials = len({r["config"]["trial"] for r in runs})
-    scale = "" if args.width == 1 and args.train_size is None else \
-        f", width {args.width:g}, {args.train_size or 50000} images"
+    reduced = not (args.width == 1 and args.train_size is None)
+    scale = f", width {args.width:g}, {args.train_size or 50000} images" if reduced else ""
     title = f"{args.model}, SGD batch {args.batch_size}, lr {args.lr:g}{scale}: {trials} trial(s)"
+    data = f"{common.dataset_label(args.dataset)}, {common.scale_label(args, reduced)}"
     figures = [("fig28_first_epoch", [within(r, per_epoch) for r in runs], "first epoch",
                 ("jacobian",))]
     if max(r["config"]["epochs"] for r in runs) > 1:
@@ -270,8 +273,9 @@ def plot(args, runs):
         fig, _ = common.plot_runs(shown, list(METRIC_LABELS), "smoothing", labels=METRIC_LABELS,
                                style_label="smoothing", log_metrics=logs,
                                xlabel=f"iteration ({per_epoch} per epoch)",
-                               title=f"{title}, {span}")
-        paths += common.save_figure(fig, f"{args.out}/plots/{stem}")
+                               title=f"{title}, {span}\n{data}")
+        paths += common.save_figure(fig, f"{args.out}/plots/{stem}",
+                                    settings=[r["config"] for r in runs])
     return paths
 
 
@@ -280,8 +284,8 @@ def plot(args, runs):
 
 def main(args):
     configs = run_configs(args)
-    pending = [c for c in configs if not common.Run(args.out, c, RUN_KEYS).done]
-    if pending and not args.plot_only:
+    pending = [] if args.plot_only else common.pending_runs(args.out, configs, RUN_KEYS)
+    if pending:
         device = common.resolve_device(args.device)
         data = load_inputs(args, device)
         for config in pending:
@@ -293,4 +297,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_main(main, parse_args)

@@ -1,14 +1,22 @@
 """Command line: the shared flags, `--smoke` defaults, one-line errors with exit status 2, the
 device choice and progress bars."""
 import argparse
+import contextlib
+import math
+import os
+import signal
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .data import DATASETS, dataset_path, is_synthetic, missing_data_message
-from .runs import load_saved, run_name
+from . import runs as _runs
+from .data import DATASETS, DataError, check_data_file, dataset_path, is_synthetic, missing_data_message
+from .runs import DamagedRun, load_saved, run_name
+
+SEED_MAX = 2 ** 63 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**63 - 1] here
+REAL_DATASETS = ("cifar10", "cifar100")
 
 def fail(msg, prog=None):
     """Prints one line `<prog>: error: <msg>` to stderr and exits with status 2 (no traceback).
@@ -88,6 +96,17 @@ def paper_command(doc):
     return "\n".join(lines[start:end])
 
 
+def finite_float(text):
+    """argparse type: a float that is neither inf nor nan (float() accepts both)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def make_parser(doc, *, trials, out):
     """A parser with the shared flags: --device, --data-root, --out, --trials, --seed, --smoke,
     --plot-only. Scripts add their own flags (paper settings as defaults) to it."""
@@ -104,18 +123,54 @@ def make_parser(doc, *, trials, out):
     g.add_argument("--seed", type=int, default=0, help="base seed; trial t uses seed + t")
     g.add_argument("--smoke", action="store_true", help="tiny config, well under a minute on a CPU")
     g.add_argument("--plot-only", action="store_true", help="only redraw plots from saved results")
+    g.add_argument("--restart", action="store_true",
+                   help="move run folders with damaged files aside (to <name>.damaged-<time>) "
+                        "and run them again")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
 
 def parse_with_smoke(parser, argv, smoke):
     """Parses argv; with --smoke, the `smoke` settings replace the defaults first, so flags given
-    explicitly still win (`--smoke --trials 1`)."""
+    explicitly still win (`--smoke --trials 1`).
+
+    A `dataset` / `datasets` smoke setting of "present" means: the real data sets found under
+    --data-root (cifar10 first), else the synthetic stand-in of CIFAR-10, said on the terminal.
+    """
     args = parser.parse_args(argv)
     if args.smoke:
         parser.set_defaults(**smoke)
         args = parser.parse_args(argv)
+        for name in ("dataset", "datasets"):
+            if getattr(args, name, None) in ("present", ["present"]):
+                present = smoke_datasets(args.data_root)
+                setattr(args, name, present[0] if name == "dataset" else present)
     return args
+
+
+def smoke_datasets(root):
+    """The real data sets present under `root` (those of REAL_DATASETS), or the synthetic
+    stand-in of CIFAR-10 if there are none; says which on the terminal."""
+    present = [d for d in REAL_DATASETS if dataset_path(d, root).exists()]
+    if present:
+        print(f"--smoke: using {', '.join(present)} from {root}")
+        return present
+    print(f"--smoke: no cifar10.npz in {root}: using synthetic-cifar10, a synthetic stand-in "
+          f"for CIFAR-10 (not real data)")
+    return ["synthetic-cifar10"]
+
+
+def dataset_label(dataset):
+    """How plot titles name a data set; synthetic stand-ins say so."""
+    names = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+    if is_synthetic(dataset):
+        return f"synthetic stand-in for {names[dataset.removeprefix('synthetic-')]} (not real data)"
+    return names.get(dataset, dataset)
+
+
+def scale_label(args, reduced=False):
+    """How plot titles name the scale: smoke, reduced (settings below the paper's) or paper."""
+    return "smoke scale" if args.smoke else "reduced scale" if reduced else "paper scale"
 
 
 def check(condition, msg):
@@ -129,14 +184,45 @@ def check_common(args, *, dataset=None):
     written: trials >= 1, seed >= 0, --out not a file, CUDA present if asked for, data present
     (or --download given) unless only plotting."""
     check(args.trials >= 1, f"--trials must be at least 1, got {args.trials}")
-    check(args.seed >= 0, f"--seed must be non-negative, got {args.seed}")
+    check(0 <= args.seed and args.seed + args.trials - 1 <= SEED_MAX,
+          f"--seed must lie in 0..{SEED_MAX - args.trials + 1} (trial t uses seed + t, and "
+          f"seeds stop at 2**63 - 1), got {args.seed}")
     check(not Path(args.out).is_file(), f"--out {args.out} is a file, not a folder")
+    check_writable(args.out)
     check(args.device != "cuda" or torch.cuda.is_available(), "--device cuda: CUDA is not available")
+    _runs.RESTART_DAMAGED = getattr(args, "restart", False)
     if dataset is not None and not args.plot_only:
         check(dataset in DATASETS, f"unknown data set {dataset!r}")
+        path = dataset_path(dataset, args.data_root)
         if not is_synthetic(dataset) and not args.download:
-            check(dataset_path(dataset, args.data_root).exists(),
-                  missing_data_message(dataset, args.data_root))
+            check(path.exists(), missing_data_message(dataset, args.data_root))
+        if not is_synthetic(dataset) and path.exists():
+            try:
+                check_data_file(path, DATASETS[dataset])
+            except DataError as e:
+                fail(str(e))
+
+
+def check_writable(out):
+    """fail() unless the folder `out` exists and is writable, or can be made under its nearest
+    existing parent, checked without writing anything."""
+    path = Path(out).absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        fail(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--out {out}: {existing} is not writable; choose another --out")
+
+
+def check_width(args, narrowest=64):
+    """fail() unless --width leaves every layer at least one channel without rounding up: the
+    narrowest layer has `narrowest` channels (64 in VGG11 and ResNet18), so width >= 1/64."""
+    smallest = 1 / narrowest
+    check(args.width >= smallest,
+          f"--width must be at least 1/{narrowest} = {smallest:g} (the narrowest layer's "
+          f"{narrowest} channels scaled to at least 1), got {args.width:g}")
 
 
 def check_positive(args, *names):
@@ -178,3 +264,34 @@ def saved_runs_or_fail(out, configs, keys):
     if diverged:
         print(f"diverged (non-finite loss): {', '.join(diverged)}")
     return runs
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler so that cleanup (finally blocks) runs as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def run_main(main, parse_args):
+    """Runs `main(parse_args())` as a script's entry point.
+
+    Ctrl-C and SIGTERM end it with one line, "interrupted at step S; rerun the same command to
+    resume", and exit status 130 / 143: the last checkpoint (written atomically) is kept, so the
+    rerun resumes from it. Damaged results and unusable data files end with one line (exit 2).
+    """
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        main(parse_args())
+    except (KeyboardInterrupt, _Terminated) as e:
+        step = _runs.PROGRESS["step"]
+        where = f"at step {step}" if step is not None else "before the first step"
+        print(f"{Path(sys.argv[0]).name}: interrupted {where}; rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(143 if isinstance(e, _Terminated) else 130)
+    except (DamagedRun, DataError) as e:
+        fail(str(e))
+    finally:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, previous)

@@ -2,6 +2,7 @@
 device; subsets, standardisation statistics, and the torchvision download behind --download."""
 import functools
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,15 @@ from .runs import atomic_write
 # the synthetic ones are stand-ins of the same shapes, used only when asked for by name.
 DATASETS = {"cifar10": 10, "cifar100": 100, "synthetic-cifar10": 10, "synthetic-cifar100": 100}
 STANDARDISATIONS = ("component", "channel", "none")
+
+
+ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
+IMAGE_SHAPE = (32, 32, 3)
+LAYOUT = "uint8 images of shape (N, 32, 32, 3), channels last, as torchvision's CIFAR .data"
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file and the problem."""
 
 
 @dataclass
@@ -48,8 +58,12 @@ def download_dataset(name, root):
     path = dataset_path(name, root)
     Path(root).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-download-") as tmp:
-        train = cls(tmp, train=True, download=True)
-        test = cls(tmp, train=False, download=True)
+        try:
+            train = cls(tmp, train=True, download=True)
+            test = cls(tmp, train=False, download=True)
+        except OSError as e:  # URLError, timeouts, DNS failures: all OSError
+            raise DataError(f"could not download {name}: no network ({_reason(e)}); place "
+                            f"{name}.npz in {Path(root)} (README, Data)") from None
         arrays = dict(x_train=np.asarray(train.data, dtype=np.uint8),
                       y_train=np.asarray(train.targets, dtype=np.int64),
                       x_test=np.asarray(test.data, dtype=np.uint8),
@@ -95,8 +109,75 @@ def load_arrays(name, root="data", download=False):
         if not download:
             raise FileNotFoundError(missing_data_message(name, root))
         download_dataset(name, root)
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test", "classes")}
+    check_data_file(path, DATASETS[name])
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in ARRAY_KEYS}
+            if "classes" in f:
+                arrays["classes"] = f["classes"]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # e.g. a corrupt member
+        raise DataError(f"data file {path}: cannot be read ({_reason(e)}); replace it "
+                        f"(README, Data)") from None
+    return arrays
+
+
+def _reason(error):
+    """A short one-line reason of an exception."""
+    text = str(getattr(error, "reason", None) or error).splitlines()
+    return (text[0] if text and text[0] else type(error).__name__)[:120]
+
+
+def _array_header(archive, key):
+    """(shape, dtype) of `key` in an open npz archive, read from the .npy header alone."""
+    with archive.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def check_data_file(path, num_classes):
+    """Checks a `<name>.npz` data file without decompressing its images: a readable archive with
+    x_train, y_train, x_test, y_test; images uint8 (N, 32, 32, 3); labels integer in
+    [0, num_classes) and as many as the images, for both splits. Raises DataError naming the
+    file and the first problem found."""
+    path = Path(path)
+
+    def bad(problem):
+        return DataError(f"data file {path}: {problem}")
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise bad(f"not a readable npz archive ({_reason(e)}); replace it "
+                  f"(README, Data)") from None
+    with archive:
+        names = set(archive.namelist())
+        missing = [k for k in ARRAY_KEYS if f"{k}.npy" not in names]
+        if missing:
+            raise bad(f"missing array(s) {', '.join(missing)}; expected {', '.join(ARRAY_KEYS)}")
+        for split in ("train", "test"):
+            try:
+                shape, dtype = _array_header(archive, f"x_{split}")
+                with archive.open(f"y_{split}.npy") as f:
+                    y = np.lib.format.read_array(f, allow_pickle=False)
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+                raise bad(f"x_{split}/y_{split} cannot be read ({_reason(e)})") from None
+            if len(shape) == 4 and tuple(shape[1:]) == (3, 32, 32):
+                raise bad(f"x_{split} is channels-first {tuple(shape)}; expected {LAYOUT}")
+            if tuple(shape[1:]) != IMAGE_SHAPE or len(shape) != 4:
+                raise bad(f"x_{split} has shape {tuple(shape)}; expected {LAYOUT}")
+            if dtype != np.uint8:
+                raise bad(f"x_{split} has dtype {dtype}; expected {LAYOUT} (0..255)")
+            if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+                raise bad(f"y_{split} must be a 1-D integer array of class indices, got "
+                          f"{y.dtype} of shape {y.shape}")
+            if len(y) != shape[0]:
+                raise bad(f"x_{split} has {shape[0]} images but y_{split} {len(y)} labels")
+            if len(y) and (y.min() < 0 or y.max() >= num_classes):
+                raise bad(f"y_{split} holds labels in [{y.min()}, {y.max()}]; expected "
+                          f"[0, {num_classes})")
 
 
 def missing_data_message(name, root):

@@ -23,18 +23,30 @@ Why these choices (measured; see the README's "Estimators" section):
 - BatchNorm in train mode must use each batch's own statistics without touching the running
   statistics: during every forward pass the BN modules are switched to
   `track_running_stats=False` (then F.batch_norm receives no running buffers), and restored.
+  Every other module is in eval mode while measuring (dropout, attention dropout off), so a
+  measurement is deterministic.
+- Fused attention kernels (flash / memory-efficient scaled_dot_product_attention, used by
+  nn.MultiheadAttention and nn.TransformerEncoderLayer) have no double backward: the forward
+  passes select the math backend (torch.nn.attention.sdpa_kernel), and restore the user's
+  choice after.
 - Lanczos with full reorthogonalisation is the default solver: it needs about half the
   products of power iteration for the same accuracy, and it stops on a bound of the error,
   not on the change between iterates.
 """
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-# Module types the measuring mode switches: every BatchNorm (1d/2d/3d, SyncBatchNorm) and dropout.
+# Module types the measuring mode switches: every BatchNorm (1d/2d/3d, SyncBatchNorm) and dropout
+# (dropout, like every module but BN, is in eval mode while measuring).
 BN_TYPES = (torch.nn.modules.batchnorm._BatchNorm,)
 DROPOUT_TYPES = (torch.nn.modules.dropout._DropoutNd,)
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """An eigen-solver stopped at max_iter before reaching its tolerance."""
 
 
 @dataclass
@@ -65,8 +77,10 @@ class MeasureMode:
     """Context manager: put `model` into a measuring mode, restore every flag on exit.
 
     mode="train": BN normalises with the batch's own statistics and leaves its running
-    statistics untouched (`track_running_stats=False` for the duration); dropout is off.
+    statistics untouched (`track_running_stats=False` for the duration); every other module
+    is in eval mode (dropout and attention dropout off).
     mode="eval": the usual eval mode (BN uses running statistics; dropout off).
+    In both, scaled_dot_product_attention uses its math backend (twice differentiable).
     Parameters and buffers are never written.
     """
 
@@ -76,20 +90,33 @@ class MeasureMode:
     def __enter__(self):
         modules = list(self.model.modules())
         self.saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in modules]
-        self.model.train(self.mode == "train")
-        for m in modules:
-            if isinstance(m, DROPOUT_TYPES):
-                m.eval()
-            if self.mode == "train" and isinstance(m, BN_TYPES):
-                m.track_running_stats = False
+        self.model.eval()
+        if self.mode == "train":
+            for m in modules:
+                if isinstance(m, BN_TYPES):
+                    m.training = True  # this module alone (BN has no children)
+                    m.track_running_stats = False
+        self.attention = math_attention()
+        self.attention.__enter__()
         return self.model
 
     def __exit__(self, *exc):
+        self.attention.__exit__(*exc)
         for m, training, track in self.saved:
             m.training = training
             if track is not None:
                 m.track_running_stats = track
         return False
+
+
+def math_attention():
+    """Context manager selecting the math backend of scaled_dot_product_attention (the fused
+    CPU / CUDA kernels have no double backward); a no-op where torch lacks sdpa_kernel."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 @contextlib.contextmanager
@@ -107,11 +134,38 @@ def no_tf32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def _reference_parameter(model):
+    """The model's first parameter (its device and dtype are the measurement's)."""
+    for p in model.parameters():
+        return p
+    raise ValueError("model has no parameters: the estimators measure a model with parameters "
+                     "(its device and dtype are taken from them)")
+
+
+def _check_finite(tensors, what):
+    """ValueError naming `what` unless every floating-point tensor is finite (one sync)."""
+    tensors = [t for t in tensors if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
+    if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise ValueError(f"{what} contain NaN or inf")
+
+
 def _trainable_parameters(model):
+    _reference_parameter(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("model has no trainable parameters")
+        raise ValueError("model has no trainable parameters (all have requires_grad=False)")
+    _check_finite(params, "the model's trainable parameters")
     return params
+
+
+def _check_scalar_loss(loss):
+    """ValueError unless `loss` is a scalar tensor connected to the trainable parameters."""
+    if not torch.is_tensor(loss) or loss.dim() != 0:
+        raise ValueError(f"loss_fn must return a scalar tensor, got "
+                         f"{tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__}")
+    if not loss.requires_grad:
+        raise ValueError("the loss does not depend on the model's trainable parameters: are the "
+                         "outputs detached, or computed under torch.no_grad() inside the model?")
 
 
 def _unflatten(vector, params):
@@ -131,7 +185,7 @@ def _check_batches(batches, model):
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty: pass at least one (x, y) pair")
-    ref = next(iter(model.parameters()))
+    ref = _reference_parameter(model)
     checked, shape = [], None
     for i, pair in enumerate(batches):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
@@ -149,6 +203,8 @@ def _check_batches(batches, model):
             raise ValueError(f"batch {i}: example shape {tuple(x.shape[1:])} differs from "
                              f"batch 0's {tuple(shape)}")
         shape = x.shape[1:]
+        _check_finite([x], f"batch {i}: inputs")
+        _check_finite([y], f"batch {i}: targets")
         checked.append((x.to(ref.device, ref.dtype), y.to(ref.device)))
     return checked
 
@@ -237,6 +293,7 @@ def _hessian_operator(model, loss_fn, batches, reuse_graph, group=None):
     def batch_gradient(x, y):
         with MeasureMode(model, "train"):
             loss = loss_fn(model(x), y)
+        _check_scalar_loss(loss)
         return torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
 
     graphs = [batch_gradient(x, y) for x, y in batches] if reuse_graph else None
@@ -258,6 +315,8 @@ def _hessian_operator(model, loss_fn, batches, reuse_graph, group=None):
         for i, (x, y) in enumerate(batches):
             grads = graphs[i] if reuse_graph else batch_gradient(x, y)
             used = [(g, u) for g, u in zip(grads, vs) if g is not None and g.requires_grad]
+            if not used:  # the loss is linear in the parameters: this batch's H is 0
+                continue
             hv = torch.autograd.grad([g for g, _ in used], params, [u for _, u in used],
                                      retain_graph=reuse_graph, allow_unused=True)
             out += (len(x) / total) * _flatten(hv, params)
@@ -296,6 +355,9 @@ def gauss_newton_operator(model, loss_fn, batches, *, process_group=None):
     for x, y in batches:
         with MeasureMode(model, "train"), torch.enable_grad(), no_tf32():
             z = model(x)  # (n_b, C)
+        if not z.requires_grad:
+            raise ValueError("the model's outputs do not depend on its trainable parameters: "
+                             "are they detached, or computed under torch.no_grad()?")
         dummy = torch.zeros_like(z, requires_grad=True)
         # J^T dummy as a differentiable function of dummy: differentiating it w.r.t. dummy
         # along v gives J v without forward-mode AD.
@@ -470,14 +532,20 @@ def _solve(matvec, dim, k, method, tol, max_iter, generator, device, dtype, star
     if dim < k:
         raise ValueError(f"k={k} exceeds the operator's dimension {dim}")
     device = torch.device("cpu") if device is None else torch.device(device)
-    return _SOLVERS[method](matvec, dim, k, tol, max_iter, generator, device, dtype, start)
+    result = _SOLVERS[method](matvec, dim, k, tol, max_iter, generator, device, dtype, start)
+    if not result.converged:
+        warnings.warn(f"{method} stopped at max_iter={max_iter} before reaching tol={tol:g} "
+                      f"(estimated relative errors {[f'{e:.2g}' for e in result.errors]}); "
+                      f"raise max_iter or tol (EigenResult.converged is False)",
+                      ConvergenceWarning, stacklevel=4)
+    return result
 
 
 def _operator_eigenvalues(operator, model, k, method, tol, max_iter, generator, return_info,
                           start=None):
     """The operator's top eigenvalue(s), or its EigenResult; the caller checked the options."""
     matvec, dim = operator
-    ref = next(iter(model.parameters()))
+    ref = _reference_parameter(model)
     result = _solve(matvec, dim, k, method, tol, max_iter, generator, ref.device, ref.dtype,
                     start)
     if return_info:
@@ -571,6 +639,7 @@ def _sample_jacobian_norms_power(out, x, tol, max_iter, generator):
     v = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x)
     v = v / torch.linalg.vector_norm(v.reshape(n, -1), dim=1).view(-1, *[1] * (x.dim() - 1))
     sq = torch.zeros(n, dtype=x.dtype, device=x.device)
+    converged = False
     for _ in range(max_iter):
         (jv,) = torch.autograd.grad(jt_dummy, dummy, v, retain_graph=True)  # (n, C)
         (jtjv,) = torch.autograd.grad(out, x, jv, retain_graph=True)  # (n, *x)
@@ -578,9 +647,14 @@ def _sample_jacobian_norms_power(out, x, tol, max_iter, generator):
         flat_v, flat_a = v.reshape(n, -1), jtjv.reshape(n, -1)
         res = torch.linalg.vector_norm(flat_a - sq[:, None] * flat_v, dim=1)
         if bool((res <= tol * sq.clamp_min(1e-30)).all()):
+            converged = True
             break
         norms = torch.linalg.vector_norm(flat_a, dim=1).clamp_min(1e-30)
         v = (flat_a / norms[:, None]).view_as(v)
+    if not converged:
+        warnings.warn(f"jacobian_norm's power iteration stopped at max_iter={max_iter} before "
+                      f"reaching tol={tol:g}; raise max_iter or use method='exact'",
+                      ConvergenceWarning, stacklevel=3)
     return sq.double().clamp_min(0).sqrt()
 
 
@@ -621,12 +695,21 @@ def jacobian_norm(model, x, softmax=True, *, batch_size=256, method="auto", tol=
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    ref = next(iter(model.parameters()))
+    ref = _reference_parameter(model)
+    _check_finite([x], "inputs x")
+    _check_finite(list(model.parameters()), "the model's parameters")
     norms = []
     with MeasureMode(model, "eval"), torch.enable_grad(), no_tf32():
         for start in range(0, len(x), batch_size):
             xb = x[start:start + batch_size].to(ref.device, ref.dtype).requires_grad_(True)
             out = model(xb)  # (n, C)
+            if not torch.is_tensor(out) or out.dim() != 2:
+                raise ValueError(f"jacobian_norm needs (N, C) outputs, got shape "
+                                 f"{tuple(getattr(out, 'shape', ()))}: reshape them in a "
+                                 f"wrapper module (e.g. (N,) -> (N, 1))")
+            if not out.requires_grad:
+                raise ValueError("the model's outputs do not depend on the inputs x: are they "
+                                 "detached, or computed under torch.no_grad()?")
             if softmax:
                 out = torch.softmax(out, dim=1)
             use_exact = method == "exact" or (method == "auto" and out.shape[1] <= 128)

@@ -5,13 +5,15 @@
 - `end_of_training_metrics` (Figures 2-5, 12-27 of batch_lr.py and train_regularisers.py):
   losses, gap, sharpness, Gauss-Newton norm and Jacobian norm of a trained model.
 """
+import contextlib
 import math
+import warnings
 
 import torch
 
 from .data import subset_indices
 from .distributed import share
-from .estimators import MeasureMode, gauss_newton_norm, jacobian_norm, sharpness
+from .estimators import ConvergenceWarning, MeasureMode, gauss_newton_norm, jacobian_norm, sharpness
 from .training import evaluate, index_chunks, label_entropy
 
 def excess_loss(loss, smoothing, num_classes):
@@ -32,6 +34,22 @@ def output_norm(model, x, batch_size=None):
     return math.sqrt(total)
 
 
+@contextlib.contextmanager
+def recorded_convergence():
+    """Silences the estimators' ConvergenceWarning: the measurements below record
+    `<metric>_converged` with every value instead, and the plots mark unconverged points."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
+
+
+def eigenvalue_with_convergence(estimator, name, *args, **kwargs):
+    """{name: top eigenvalue, name_converged: bool} from `estimator(..., return_info=True)`."""
+    with recorded_convergence():
+        info = estimator(*args, return_info=True, **kwargs)
+    return {name: info.eigenvalues[0], f"{name}_converged": info.converged}
+
+
 def progressive_sharpening_metrics(model, loss_fn, x, y, *, ghost_batch_size=None, tol=1e-3,
                                    max_iter=100, with_output_norm=False, process_group=None):
     """One point of the progressive-sharpening curves (Figures 1, 6-11 and 28-29), measured on a
@@ -39,7 +57,8 @@ def progressive_sharpening_metrics(model, loss_fn, x, y, *, ghost_batch_size=Non
 
     sharpness: top Hessian eigenvalue of the mean loss over (x, y), BN in train mode with each
         ghost batch of `ghost_batch_size` examples normalised by its own statistics (Lanczos,
-        relative error `tol`; `sharpness_matvecs` products were used).
+        relative error `tol`; `sharpness_matvecs` products were used; `sharpness_converged`
+        False if Lanczos stopped at `max_iter` first).
     jacobian: largest spectral norm over x of d softmax(f(x)) / dx, BN in eval mode.
     output_norm (if asked): Frobenius norm of the (N, K) logits, eval mode.
     Pure: parameters, buffers, `.grad` and training flags are left as they were.
@@ -56,9 +75,11 @@ def progressive_sharpening_metrics(model, loss_fn, x, y, *, ghost_batch_size=Non
         batches = batches[start:stop]
         start, stop = share(len(x), process_group)
         x_mine = x[start:stop]
-    info = sharpness(model, loss_fn, batches, tol=tol, max_iter=max_iter, return_info=True,
-                     process_group=process_group)
-    row = {"sharpness": info.eigenvalues[0], "sharpness_matvecs": info.matvecs,
+    with recorded_convergence():
+        info = sharpness(model, loss_fn, batches, tol=tol, max_iter=max_iter, return_info=True,
+                         process_group=process_group)
+    row = {"sharpness": info.eigenvalues[0], "sharpness_converged": info.converged,
+           "sharpness_matvecs": info.matvecs,
            "jacobian": jacobian_norm(model, x_mine, softmax=True, process_group=process_group)}
     if with_output_norm:
         row["output_norm"] = output_norm(model, x, ghost_batch_size)
@@ -98,10 +119,11 @@ def end_of_training_metrics(model, loss_fn, data, seed, *, measure_size, ghost_b
                train_accuracy=train_accuracy, test_accuracy=test_accuracy)
     if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
         return out
-    out["sharpness"] = sharpness(model, loss_fn, batches, tol=eig_tol, max_iter=eig_max_iter)
+    out.update(eigenvalue_with_convergence(sharpness, "sharpness", model, loss_fn, batches,
+                                           tol=eig_tol, max_iter=eig_max_iter))
     if gauss_newton:
-        out["gauss_newton"] = gauss_newton_norm(model, loss_fn, batches, tol=eig_tol,
-                                                max_iter=eig_max_iter)
+        out.update(eigenvalue_with_convergence(gauss_newton_norm, "gauss_newton", model, loss_fn,
+                                               batches, tol=eig_tol, max_iter=eig_max_iter))
     out["jacobian"] = jacobian_norm(model, x, softmax=True)
     return out
 

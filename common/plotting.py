@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .runs import atomic_write, metric_series
+from .runs import atomic_write, config_hash, metric_series
+
+UNCONVERGED_LABEL = "eigensolver not converged"
 
 # Line styles tell settings apart (colours do too, but a printed figure may be grey).
 LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
@@ -48,12 +50,45 @@ def new_figure(nrows=1, ncols=1, panel_size=(3.6, 2.8)):
     return fig, axes
 
 
-def save_figure(fig, stem, dpi=150):
-    """Writes `<stem>.png` and `<stem>.pdf` atomically; returns their paths."""
+SETTINGS_KEY = "Settings-hash"  # PNG text chunk naming the settings a figure shows
+
+
+def _figure_settings(png):
+    """The settings hash stored in a PNG written by save_figure, or None."""
+    try:
+        from PIL import Image
+        with Image.open(png) as image:
+            return image.info.get(SETTINGS_KEY)
+    except Exception:  # unreadable or not ours: treated as other settings
+        return None
+
+
+def _settings_stem(stem, settings):
+    """(stem, hash): `stem` itself, unless a figure of other settings is there already (per the
+    hash in its PNG, or a PNG without one); then `<stem>-<hash of settings>`, said on the
+    terminal."""
+    if settings is None:
+        return stem, None
+    digest = config_hash(settings)
+    if Path(f"{stem}.png").exists() and _figure_settings(f"{stem}.png") != digest:
+        print(f"{stem}.png holds a figure of other settings: writing {stem}-{digest}.png")
+        stem = f"{stem}-{digest}"
+    return stem, digest
+
+
+def save_figure(fig, stem, dpi=150, settings=None):
+    """Writes `<stem>.png` and `<stem>.pdf` atomically; returns their paths.
+
+    settings: what tells this figure apart (e.g. the configs of the runs plotted). Given, its
+    hash is stored in the PNG, and a figure of other settings at `stem` is never overwritten:
+    this one goes to `<stem>-<hash of settings>` instead.
+    """
+    stem, digest = _settings_stem(stem, settings)
     paths = []
     for ext in ("png", "pdf"):
         path = Path(f"{stem}.{ext}")
-        atomic_write(path, lambda f: fig.savefig(f, format=ext, dpi=dpi))
+        metadata = {SETTINGS_KEY: digest} if digest and ext == "png" else None
+        atomic_write(path, lambda f: fig.savefig(f, format=ext, dpi=dpi, metadata=metadata))
         paths.append(path)
     return paths
 
@@ -80,8 +115,10 @@ def plot_runs(runs, metrics, style_key, *, labels=None, style_label=None, title=
     for ax, metric in zip(axes.flat, metrics):
         for i, value in enumerate(settings):
             trials = [metric_series(r, metric) for r in runs if r["config"][style_key] == value]
-            plot_band(ax, trials, label=f"{style_label or style_key} = {value}",
-                      linestyle=LINESTYLES[i % len(LINESTYLES)], color=f"C{i}")
+            line = plot_band(ax, trials, label=f"{style_label or style_key} = {value}",
+                             linestyle=LINESTYLES[i % len(LINESTYLES)], color=f"C{i}")
+            mine = [r for r in runs if r["config"][style_key] == value]
+            mark_unconverged(ax, mine, metric, line.get_color())
         ax.set_xlabel(xlabel)
         ax.set_ylabel(labels.get(metric, metric))
         if metric in log_metrics:
@@ -91,6 +128,27 @@ def plot_runs(runs, metrics, style_key, *, labels=None, style_label=None, title=
     if title:
         fig.suptitle(title)
     return fig, dict(zip(metrics, axes.flat))
+
+
+def unconverged_steps(runs, metric):
+    """Steps at which some run's `metric` was measured by an eigensolver that stopped at its
+    max_iter unconverged (logged as `<metric>_converged` = False)."""
+    steps = set()
+    for r in runs:
+        for m in r["metrics"]:
+            if m.get(f"{metric}_converged") is False:
+                steps.add(m["step"])
+    return sorted(steps)
+
+
+def mark_unconverged(ax, runs, metric, color):
+    """Hollow circles on the mean curve of `runs` where the eigensolver did not converge."""
+    steps = unconverged_steps(runs, metric)
+    if not steps:
+        return
+    s, mean, _, _ = mean_std([metric_series(r, metric) for r in runs])
+    at = np.isin(s, steps)
+    ax.plot(s[at], mean[at], "o", mfc="none", color=color, markersize=6, label=UNCONVERGED_LABEL)
 
 
 def plot_sweep(ax, runs, x_key, style_key, metric, *, style_label=None, log_x=False, log_y=False):
@@ -116,6 +174,12 @@ def plot_sweep(ax, runs, x_key, style_key, metric, *, style_label=None, log_x=Fa
             ax.plot(sx, mean, linestyle=LINESTYLES[i % len(LINESTYLES)], marker=".", color=color,
                     label=f"{style_label or style_key} = {style:g}")
             ax.fill_between(sx, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+        loose = sorted({r["config"][x_key] for r in mine if r["result"]["status"] == "finished"
+                        and r["result"].get(f"{metric}_converged") is False})
+        finite = [(xv, m) for xv, m, _ in stats if xv in loose]
+        if finite:
+            ax.plot(*zip(*finite), "o", mfc="none", color=color, markersize=7,
+                    label=UNCONVERGED_LABEL)
         diverged = sorted({r["config"][x_key] for r in mine if r["result"]["status"] == "diverged"})
         if diverged:
             ax.plot(diverged, [0.97] * len(diverged), "x", color=color, transform=top,

@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -76,8 +77,60 @@ def run_name(config, keys):
     def fmt(v):
         return f"{v:g}" if isinstance(v, float) else str(v)
     readable = "_".join(f"{k}={fmt(config[k])}" for k in keys)
-    readable = "".join(c if c.isalnum() or c in "=._-" else "-" for c in readable)
+    # "+" is kept: 1e+06 and 1e-06 must not share a name.
+    readable = "".join(c if c.isalnum() or c in "=._+-" else "-" for c in readable)
     return f"{readable}-{config_hash(config)}"
+
+
+class DamagedRun(Exception):
+    """A run folder holds a file that cannot be read (e.g. truncated by a full disk)."""
+
+    def __init__(self, path, reason):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"damaged results file {self.path} ({reason}): rerun with --restart to "
+                         f"move {self.path.parent} aside and start that run again")
+
+
+# Set by the scripts' --restart flag: damaged run folders are moved aside instead of refused.
+RESTART_DAMAGED = False
+
+# What the interrupt message reports: the last step logged by any run of this process.
+PROGRESS = {"step": None}
+
+
+def _read(path, load):
+    """load(path), or DamagedRun naming the file if it cannot be read."""
+    try:
+        return load(path)
+    except (OSError, ValueError, EOFError, RuntimeError, KeyError, TypeError,
+            pickle.UnpicklingError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DamagedRun(path, f"{type(e).__name__}: {reason}"[:200]) from None
+
+
+def move_aside(run_dir):
+    """Renames a damaged run folder to `<name>.damaged-<time>` (never deletes); returns the new
+    path."""
+    run_dir = Path(run_dir)
+    target = run_dir.with_name(f"{run_dir.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    while target.exists():
+        target = target.with_name(target.name + "x")
+    os.replace(run_dir, target)
+    print(f"moved damaged run {run_dir} aside to {target}")
+    return target
+
+
+def pending_runs(out, configs, keys):
+    """The configs whose runs are not finished yet; prints "<run>: already finished, skipping"
+    for each of the others."""
+    pending = []
+    for config in configs:
+        run = Run(out, config, keys)
+        if run.done:
+            print(f"{run.dir.name}: already finished, skipping")
+        else:
+            pending.append(config)
+    return pending
 
 
 class Run:
@@ -105,20 +158,45 @@ class Run:
 
     @property
     def done(self):
-        return (self.dir / "result.json").exists()
+        """Whether the run is saved (result.json). A saved run whose files cannot be read raises
+        DamagedRun, or with --restart (RESTART_DAMAGED) is moved aside and counts as not done."""
+        if not (self.dir / "result.json").exists():
+            return False
+        try:
+            load_run(self.dir)
+        except DamagedRun:
+            if not RESTART_DAMAGED:
+                raise
+            move_aside(self.dir)
+            return False
+        return True
 
     def begin(self, device="cpu", **record):
         """Creates the directory and config.json (resolved config, seed, torch version, device,
         and `record`, e.g. world_size: outside the config, so not in the hash); returns the last
-        checkpoint's state dict, restoring the metrics logged up to it, or None."""
+        checkpoint's state dict, restoring the metrics logged up to it, or None. A damaged run
+        raises DamagedRun, or with --restart is moved aside and begun afresh."""
+        try:
+            return self._begin(device, record)
+        except DamagedRun:
+            if not RESTART_DAMAGED:
+                raise
+            move_aside(self.dir)
+            self.metrics = []
+            return self._begin(device, record)
+
+    def _begin(self, device, record):
         if self.writer:
             self._write_meta(device, record)
         self._last_checkpoint = time.monotonic()
         path = self.dir / "checkpoint.pt"
         if not path.exists():
             return None
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = _read(path, lambda p: torch.load(p, map_location="cpu", weights_only=False))
+        if not (isinstance(saved, dict) and "metrics" in saved and "state" in saved):
+            raise DamagedRun(path, "not a checkpoint of this project")
         self.metrics = saved["metrics"]
+        PROGRESS["step"] = self.metrics[-1]["step"] if self.metrics else None
         return saved["state"]
 
     def _write_meta(self, device, record):
@@ -127,7 +205,7 @@ class Run:
                 "device": str(device), "python": sys.version.split()[0], "argv": sys.argv,
                 **record, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         if (self.dir / "config.json").exists():  # resuming: keep the first record, note the restart
-            old = load_json(self.dir / "config.json")
+            old = _read(self.dir / "config.json", load_json)
             meta = {**old, "resumed": old.get("resumed", []) + [
                 {"device": str(device), "torch": torch.__version__, **record,
                  "at": meta["started"]}]}
@@ -136,6 +214,7 @@ class Run:
     def log(self, step, **metrics):
         """Records metrics measured at `step` (floats; NaN is kept as None, as JSON stores it)."""
         self.metrics.append({"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}})
+        PROGRESS["step"] = int(step)
 
     def checkpoint(self, state, force=False):
         """Saves state() (e.g. model and optimizer state dicts, next step) with the metrics so far,
@@ -184,10 +263,16 @@ def load_run(run_dir):
     """A saved run as {"dir", "config", "meta", "metrics", "result"}; NaN stored as null comes
     back as NaN in metrics."""
     run_dir = Path(run_dir)
-    meta = load_json(run_dir / "config.json")
-    metrics = load_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else []
+    meta = _read(run_dir / "config.json", load_json)
+    metrics = _read(run_dir / "metrics.json", load_json) if (run_dir / "metrics.json").exists() else []
+    result = _read(run_dir / "result.json", load_json) if (run_dir / "result.json").exists() else None
+    for path, value, kind in (("config.json", meta, dict), ("metrics.json", metrics, list),
+                              ("result.json", result, (dict, type(None)))):
+        if not isinstance(value, kind) or (path == "config.json" and "config" not in value):
+            raise DamagedRun(run_dir / path, "unexpected content")
+    if not all(isinstance(m, dict) for m in metrics):
+        raise DamagedRun(run_dir / "metrics.json", "unexpected content")
     metrics = [{k: (math.nan if v is None else v) for k, v in m.items()} for m in metrics]
-    result = load_json(run_dir / "result.json") if (run_dir / "result.json").exists() else None
     return {"dir": run_dir, "config": meta["config"], "meta": meta, "metrics": metrics, "result": result}
 
 
