@@ -34,11 +34,23 @@ def mean_std(series):
     return steps, mean, std, count
 
 
+TRIAL_END_LABEL = "a trial ends (fewer trials after)"
+
+
 def plot_band(ax, series, label=None, linestyle="-", color=None):
-    """Draws the mean over trials as a line and mean +- std as a shaded band."""
+    """Draws the mean over trials as a line and mean +- std as a shaded band. Where a trial ends
+    before the others (runs of different lengths, or a diverged run) a vertical tick on the mean
+    marks it: past it the mean is over fewer trials, so a jump there is not a change in time."""
     steps, mean, std, _ = mean_std(series)
     (line,) = ax.plot(steps, mean, linestyle=linestyle, color=color, label=label)
     ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    ends = sorted({int(np.asarray(s)[np.isfinite(v)].max()) for s, v in series
+                   if np.isfinite(v).any()})[:-1]  # every trial's last step but the latest
+    at = np.isin(steps, ends)
+    if at.any():
+        labels = [h.get_label() for h in ax.get_lines()]
+        ax.plot(steps[at], mean[at], "|", color=line.get_color(), markersize=12, mew=1.5,
+                label=None if TRIAL_END_LABEL in labels else TRIAL_END_LABEL)
     return line
 
 

@@ -1,0 +1,25 @@
+"""plot_band marks where a trial ends before the others."""
+import numpy as np
+
+import common
+
+
+def test_trial_ends_are_ticked_on_the_mean_and_only_there():
+    fig, axes = common.new_figure()
+    ax = axes[0, 0]
+    series = [(np.array([0, 10, 20]), np.array([1.0, 2.0, 3.0])),
+              (np.array([0, 10, 20, 30, 40]), np.array([1.0, 4.0, 5.0, 6.0, 7.0])),
+              (np.array([0, 10, 20, 30, 40]), np.array([1.0, 4.0, 5.0, 6.0, 8.0]))]
+    common.plot_band(ax, series, label="s")
+    ticks = [line for line in ax.get_lines() if line.get_marker() == "|"]
+    assert len(ticks) == 1
+    np.testing.assert_allclose(ticks[0].get_xdata(), [20])
+    np.testing.assert_allclose(ticks[0].get_ydata(), [13 / 3])  # the mean at step 20
+    assert ticks[0].get_label() == common.plotting.TRIAL_END_LABEL
+
+
+def test_no_tick_when_every_trial_has_the_same_length():
+    fig, axes = common.new_figure()
+    series = [(np.array([0, 1]), np.array([1.0, 2.0]))] * 3
+    common.plot_band(axes[0, 0], series)
+    assert not [line for line in axes[0, 0].get_lines() if line.get_marker() == "|"]
