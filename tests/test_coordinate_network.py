@@ -69,7 +69,7 @@ def test_plot_only_regenerates_tables_and_figure(smoke_out):
         f.unlink()
     cn.main(smoke_args(smoke_out, "--plot-only"))
     assert sorted(f.name for f in (smoke_out / "plots").iterdir()) == [
-        "fig32_fits.pdf", "fig32_fits.png", "tables.csv", "tables.md"]
+        "fig32_fits.pdf", "fig32_fits.png", "runs.json", "tables.csv", "tables.md"]
 
 
 @pytest.mark.slow
