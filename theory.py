@@ -79,7 +79,7 @@ VARIANT_COLORS = {"base": "k", "smoothing": "C0", "weight_decay": "C1", "width":
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(__doc__, trials=3, out="results/theory")
+    parser = common.make_parser(__doc__, trials=6, out="results/theory")
     a = parser.add_argument
     a("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="target types")
     a("--distributions", nargs="+", default=list(DISTRIBUTIONS), choices=DISTRIBUTIONS,
@@ -91,6 +91,10 @@ def parse_args(argv=None):
       help="negative-side slope of the smooth leaky ReLU, in (0, 1]")
     a("--teacher-width", type=int, default=32, help="hidden width of the teacher network")
     a("--num-classes", type=int, default=4, help="classes of the classification task")
+    a("--target-noise", type=float, default=0.3,
+      help="regression: std of Gaussian noise added to the standardised targets")
+    a("--label-noise", type=float, default=0.1,
+      help="classification: probability that a label is replaced by a uniformly random one")
     a("--data-seed", type=int, default=0, help="seed of the immersion, teacher and test set")
     a("--train-size", type=int, default=200, help="N: training points per student")
     a("--test-size", type=int, default=20000, help="fresh test points")
@@ -98,23 +102,24 @@ def parse_args(argv=None):
     a("--depth", type=int, default=3, help="student linear layers")
     a("--lr", type=float, default=3e-3, help="Adam learning rate")
     a("--steps", type=int, default=2000, help="full-batch Adam steps (base run)")
-    a("--smoothings", nargs="+", type=float, default=[0.1, 0.3],
+    a("--smoothings", nargs="+", type=float, default=[0.05, 0.1, 0.2, 0.4],
       help="family: label smoothing values in [0, 1] (regression: shrinkage to the mean)")
-    a("--weight-decays", nargs="+", type=float, default=[1e-2, 1e-1], help="family: AdamW decays")
-    a("--widths", nargs="+", type=int, default=[16, 256], help="family: student widths")
-    a("--step-variants", nargs="+", type=int, default=[250, 8000], help="family: training lengths")
+    a("--weight-decays", nargs="+", type=float, default=[0.1, 0.3, 1.0],
+      help="family: AdamW (decoupled) weight decays")
+    a("--widths", nargs="+", type=int, default=[16, 32, 128, 256], help="family: student widths")
+    a("--step-variants", nargs="+", type=int, default=[125, 500, 8000], help="family: training lengths")
     a("--checkpoints", type=int, default=8, help="measurements (log-spaced) during each run")
     a("--thm45", default="base", choices=["base", "all", "none"],
       help="which students get the Theorem 4.5 pool analysis")
-    a("--pool-size", type=int, default=100000, help="fresh points for the sup and the draws")
-    a("--max-sample-size", type=int, default=10000, help="largest N of the sample-max grid")
+    a("--pool-size", type=int, default=1000000, help="fresh points for the sup and the draws")
+    a("--max-sample-size", type=int, default=100000, help="largest N of the sample-max grid")
     a("--draws", type=int, default=200, help="random N-subsets per N")
     a("--eps-fractions", nargs="+", type=float, default=[0.01, 0.03, 0.1],
       help="Eq. (8) eps as fractions of the estimated sup, in (0, 1)")
     a("--ascent-starts", type=int, default=32, help="projected-ascent starts (half the pool's top)")
     a("--ascent-steps", type=int, default=100, help="projected-ascent steps")
     a("--ascent-lr", type=float, default=0.02, help="ascent step length in latent units")
-    a("--lip-pairs", type=int, default=20000, help="point pairs for Lip(Jf) and Lip(g)")
+    a("--lip-pairs", type=int, default=50000, help="point pairs for Lip(Jf) and Lip(g)")
     a("--test-functions", type=int, default=64, help="random 1-Lipschitz functions for C")
     a("--eig-tol", type=float, default=1e-4, help="relative tolerance of sharpness")
     smoke = dict(out="results/theory_smoke", trials=1, tasks=["classification"],
@@ -138,7 +143,8 @@ def check_args(args):
                           "step_variants", "pool_size", "max_sample_size", "draws",
                           "eps_fractions", "ascent_starts", "ascent_steps", "ascent_lr",
                           "lip_pairs", "test_functions", "eig_tol")
-    common.check_unit_interval(args, "smoothings", "immersion_slope", "eps_fractions")
+    common.check_unit_interval(args, "smoothings", "immersion_slope", "eps_fractions", "label_noise")
+    common.check(args.target_noise >= 0, f"--target-noise must be non-negative, got {args.target_noise}")
     common.check(args.immersion_slope > 0, "--immersion-slope must be positive")
     common.check(max(args.eps_fractions) < 1, "--eps-fractions must be below 1")
     common.check(all(w >= 0 for w in args.weight_decays), "--weight-decays must be non-negative")
@@ -156,6 +162,7 @@ def check_args(args):
 def data_config(args, distribution):
     """Everything that defines a distribution (and its teacher): part of every run's config."""
     cfg = dict(distribution=distribution, latent_dim=args.latent_dim, data_seed=args.data_seed,
+               target_noise=args.target_noise, label_noise=args.label_noise,
                teacher_width=args.teacher_width, num_classes=args.num_classes)
     if distribution == "immersion":
         cfg.update(ambient_dim=args.ambient_dim, immersion_width=args.immersion_width,
@@ -287,12 +294,24 @@ def teacher_targets(dist, x, reference):
     return out[:, :1], out[:, 1:].argmax(1)
 
 
+def noisy(cfg, regression, labels, seed):
+    """Targets with noise: Gaussian (regression) or uniformly resampled labels (classification),
+    so that a long-trained student overfits and the generalisation gap varies."""
+    gen = torch.Generator().manual_seed(seed)
+    regression = regression + cfg["target_noise"] * torch.randn(regression.shape, generator=gen)
+    flip = torch.rand(labels.shape, generator=gen) < cfg["label_noise"]
+    labels = torch.where(flip, torch.randint(cfg["num_classes"], labels.shape, generator=gen), labels)
+    return regression, labels
+
+
 def make_data(cfg, dist):
-    """Training set (trial's seed), test set (data seed) and targets smoothed as the run says."""
+    """Training set (trial's seed), test set (data seed) and noisy targets, smoothed as the run
+    says: x_train (N, D), y_train (N, 1) or (N,), x_test, y_test likewise."""
     reference = dist.inputs(20000, cfg["data_seed"] + 7)
     x_train = dist.inputs(cfg["train_size"], 1000 + cfg["seed"])  # (N, D)
     x_test = dist.inputs(cfg["test_size"], cfg["data_seed"] + 13)
-    (r_tr, c_tr), (r_te, c_te) = (teacher_targets(dist, x, reference) for x in (x_train, x_test))
+    r_tr, c_tr = noisy(cfg, *teacher_targets(dist, x_train, reference), 2000 + cfg["seed"])
+    r_te, c_te = noisy(cfg, *teacher_targets(dist, x_test, reference), cfg["data_seed"] + 17)
     if cfg["task"] == "classification":
         return x_train, c_tr, x_test, c_te
     s, mean = cfg["smoothing"], r_tr.mean()
