@@ -15,17 +15,20 @@ trained by full-batch Adam on N training points; test data are fresh draws.
   from the measured mass of balls around the maximiser, and exactly (1 - p_eps)^N from the pool.
 - Theorem 4.6 (Figure thm46): a family of students varying label smoothing, weight decay, width
   and training length (one factor at a time around the base run); generalisation gap
-  |train loss - test loss| against the sample-max Jacobian norm and against sharpness, Kendall
-  tau of each; the probability bound of Eq. (10) with Lip(Jf), h and C' estimated, and by how
+  |train loss - test loss| against the sample-max Jacobian norm, against sharpness and against
+  the sample-max logit Jacobian the bound uses, Kendall tau of each; the probability bound of Eq. (10) with Lip(Jf), h and C' estimated, and by how
   much it is vacuous.
 - Ansatz 3.1 (Figure ansatz): Kendall tau between sharpness and Jacobian norm over the
   --checkpoints measurements of each run.
 
 Full run (the defaults):
     OMP_NUM_THREADS=1 python theory.py
-Cost: CPU only; see plots/theory/README.md for the measured wall time on one core (about an
-hour: 2 tasks x 2 distributions x 3 trials x 9 family members = 108 students, 12 with the
-Theorem 4.5 pool analysis). Resumable per student (a rerun skips saved students).
+Cost: CPU only (--device is ignored: the models are tiny). 2 tasks x 2 distributions x 4 trials
+x 15 family members = 240 students, 16 of them (the base runs) with the Theorem 4.5 analysis on
+10^6 points. Measured here on one core (OMP_NUM_THREADS=1) of 2 cores shared with other jobs
+(load average 4-7): 29.8 min wall, as 7.1 min of a first start with --trials 6, stopped, then
+22.7 min of this command resuming it; one trial of everything took 3.6 min wall (3.1 CPU-min).
+Resumable per student (a rerun skips saved students; an interrupted one restarts: seconds).
 Smoke run (seconds): python theory.py --smoke
 Redraw only: python theory.py --plot-only
 
@@ -79,7 +82,7 @@ VARIANT_COLORS = {"base": "k", "smoothing": "C0", "weight_decay": "C1", "width":
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(__doc__, trials=6, out="results/theory")
+    parser = common.make_parser(__doc__, trials=4, out="results/theory")
     a = parser.add_argument
     a("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="target types")
     a("--distributions", nargs="+", default=list(DISTRIBUTIONS), choices=DISTRIBUTIONS,
@@ -741,20 +744,27 @@ def plot_thm45(runs, stem):
 
 
 def plot_thm46(runs, summary, stem):
-    """Per (task, distribution) row: gap against Jacobian norm and against sharpness, coloured
-    by which factor the run varies, with Kendall tau."""
+    """Per (task, distribution) row: gap against the paper's Jacobian norm, against sharpness and
+    against the max logit-Jacobian the bound uses, coloured by the factor the run varies."""
+    from matplotlib.ticker import NullFormatter
     groups = summary["groups"]
-    fig, axes = common.new_figure(len(groups), 2, panel_size=(4.2, 3.0))
+    fig, axes = common.new_figure(len(groups), 3, panel_size=(3.9, 3.0))
+    panels = (("jacobian", "tau_gap_jacobian"), ("sharpness", "tau_gap_sharpness"),
+              ("max_jf_train", "tau_gap_max_jf"))
     for g, row in zip(groups, axes):
         mine = group(runs, g["task"], g["distribution"])
-        for ax, key, tau in ((row[0], "jacobian", g["tau_gap_jacobian"]), (row[1], "sharpness", g["tau_gap_sharpness"])):
+        softmax = g["task"] == "classification"
+        labels = {"jacobian": f"max-sample Jacobian norm ({'softmax' if softmax else 'raw output'})",
+                  "sharpness": "sharpness",
+                  "max_jf_train": f"max-sample Jacobian norm ({'logits' if softmax else 'raw output'})"}
+        for ax, (key, tau) in zip(row, panels):
             for variant, color in VARIANT_COLORS.items():
                 pts = [(r["result"][key], r["result"]["gap"]) for r in mine if r["config"]["variant"] == variant]
                 if pts:
                     ax.scatter(*zip(*pts), color=color, s=14, label=variant)
-            label = "Jacobian norm (softmax)" if g["task"] == "classification" and key == "jacobian" else key
-            ax.set(xscale="log", yscale="log", xlabel=label if key == "sharpness" else f"max-sample {label}",
-                   ylabel="|train - test| loss", title=f"{g['task']}/{g['distribution']}: tau = {tau:.2f} (n={g['n']})")
+            ax.set(xscale="log", yscale="log", xlabel=labels[key], ylabel="|train - test| loss")
+            ax.set_title(f"{g['task']}/{g['distribution']}: tau = {g[tau]:.2f} (n={g['n']})", fontsize="medium")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # the log axis' minor labels overlap
             ax.grid(alpha=0.3)
         row[0].legend(fontsize="x-small")
     return common.save_figure(fig, stem, dpi=150)
