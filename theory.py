@@ -16,8 +16,8 @@ trained by full-batch Adam on N training points; test data are fresh draws.
 - Theorem 4.6 (Figure thm46): a family of students varying label smoothing, weight decay, width
   and training length (one factor at a time around the base run); generalisation gap
   |train loss - test loss| against the sample-max Jacobian norm, against sharpness and against
-  the sample-max logit Jacobian the bound uses, Kendall tau of each; the probability bound of Eq. (10) with Lip(Jf), h and C' estimated, and by how
-  much it is vacuous.
+  the sample-max logit Jacobian the bound uses, Kendall tau of each; the probability bound of
+  Eq. (10) with Lip(Jf), h and C' estimated, and by how much it is vacuous.
 - Ansatz 3.1 (Figure ansatz): Kendall tau between sharpness and Jacobian norm over the
   --checkpoints measurements of each run.
 
@@ -559,7 +559,8 @@ def eq10(res, cfg, dist, data):
 
     def eps_needed(level):  # solve 2 exp(-N C' eps^2 / (M + delta)^2) = level - first term
         room = level - (1 - h(deltas / lip_jf)) ** n
-        eps = np.where(room > 0, (m + deltas) * np.sqrt(np.log(2 / np.maximum(room, 1e-300)) / (n * c_prime)), np.inf)
+        needed = (m + deltas) * np.sqrt(np.log(2 / np.maximum(room, 1e-300)) / (n * c_prime))
+        eps = np.where(room > 0, needed, np.inf)
         return float(eps.min())
 
     n_needed = next((int(k) for k in np.unique(np.geomspace(n, 1e12, 400).astype(np.int64))
@@ -648,7 +649,8 @@ def summarise(args, runs):
                      tau_gap_max_jf=common.kendall_tau([x["gap"] for x in r], [x["max_jf_train"] for x in r]),
                      bound_vacuous=sum(x["vacuous"] for x in b),
                      bound_failure_median=float(np.median([x["failure"] for x in b])),
-                     eps_nonvacuous_over_gap_median=float(np.median([x["eps_nonvacuous"] / max(x["eps"], 1e-12) for x in b])),
+                     eps_nonvacuous_over_gap_median=float(np.median(
+                         [x["eps_nonvacuous"] / max(x["eps"], 1e-12) for x in b])),
                      runs=[])
             for m in mine:
                 c, x = m["config"], m["result"]
@@ -672,14 +674,15 @@ def write_table(summary, data_runs, path):
     """Markdown: data constants, Kendall taus, the bound, Theorem 4.5 gaps, per-run details."""
     lines = ["# Section 4: measured numbers\n",
              f"Command: `{summary['command']}`\n",
-             "\n## Data constants\n\n| distribution | C (concentration) | Lip(g) | min sing. value of Jg | min |g(z)-g(z')|/|z-z'| |\n|---|---|---|---|---|\n"]
+             "\n## Data constants\n\n| distribution | C (concentration) | Lip(g) | min singular value of Jg "
+             "| min distance ratio g(z), g(z') over z, z' |\n|---|---|---|---|---|\n"]
     for d in data_runs:
         x = d["result"]
         lines.append(f"| {d['config']['distribution']} | {x['concentration_C']:.3g} | {x['lip_embed']:.3g} | "
                      f"{x['min_singular_embed']:.3g} | {x['min_distance_ratio']:.3g} |\n")
     lines.append("\n## Theorem 4.6 and Ansatz 3.1 per group\n\n| task | distribution | n | tau(gap, Jacobian) "
                  "| tau(gap, sharpness) | tau(gap, max logit-Jf) | Eq.(10) vacuous | median failure prob. "
-                 "| median eps_nonvacuous / gap | Ansatz tau median (positive / n) |\n|---|---|---|---|---|---|---|---|---|---|\n")
+                 "| median eps_nonvacuous / gap | Ansatz tau median (positive / n) |\n" + "|---" * 10 + "|\n")
     for g in summary["groups"]:
         lines.append(f"| {g['task']} | {g['distribution']} | {g['n']} | {g['tau_gap_jacobian']:.3f} | "
                      f"{g['tau_gap_sharpness']:.3f} | {g['tau_gap_max_jf']:.3f} | {g['bound_vacuous']}/{g['n']} | "
@@ -698,9 +701,10 @@ def write_table(summary, data_runs, path):
     for g in summary["groups"]:
         for r in g["runs"]:
             b = r["bound"]
-            lines.append(f"| {g['task'][:5]} | {g['distribution']} | {r['variant']} | {r['value']} | {r['trial']} | "
-                         f"{r['train_loss']:.3g} | {r['test_loss']:.3g} | {r['gap']:.3g} | {r['jacobian']:.3g} | "
-                         f"{r['sharpness']:.3g} | {r['max_jf_train']:.3g} | {r['lip_jf']:.3g} | {b['failure']:.3g} | "
+            lines.append(f"| {g['task'][:5]} | {g['distribution']} | {r['variant']} | {r['value']} | "
+                         f"{r['trial']} | {r['train_loss']:.3g} | {r['test_loss']:.3g} | {r['gap']:.3g} | "
+                         f"{r['jacobian']:.3g} | {r['sharpness']:.3g} | {r['max_jf_train']:.3g} | "
+                         f"{r['lip_jf']:.3g} | {b['failure']:.3g} | "
                          f"{b['eps_nonvacuous']:.3g} | {b['n_nonvacuous']} | {r['ansatz_tau']:.2f} |\n")
     common.atomic_write(path, lambda f: f.write("".join(lines)), mode="w")
     return path
@@ -723,7 +727,8 @@ def plot_thm45(runs, stem):
             t = run["result"]["thm45"]
             n = t["sample_sizes"]
             ax1.plot(n, t["gap_median"], color=f"C{k}", label=f"trial {run['config']['trial']}")
-            ax1.fill_between(n, np.maximum(t["gap_q10"], 1e-12), np.maximum(t["gap_q90"], 1e-12), color=f"C{k}", alpha=0.2)
+            ax1.fill_between(n, np.maximum(t["gap_q10"], 1e-12), np.maximum(t["gap_q90"], 1e-12),
+                             color=f"C{k}", alpha=0.2)  # log axis: keep a zero gap drawable
         ax1.set(xscale="log", yscale="log", xlabel="sample size N", ylabel="sup ||Jf|| - max_N ||Jf(x_i)||",
                 title=f"{task} / {dist}: Thm 4.5")
         t = mine[0]["result"]["thm45"]
