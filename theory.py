@@ -90,24 +90,24 @@ def parse_args(argv=None):
     a("--latent-dim", type=int, default=2, help="d: dimension of the cube")
     a("--ambient-dim", type=int, default=16, help="D >= d: output dimension of the immersion")
     a("--immersion-width", type=int, default=16, help="hidden width H of the immersion, d <= H <= D")
-    a("--immersion-slope", type=float, default=0.2,
+    a("--immersion-slope", type=common.finite_float, default=0.2,
       help="negative-side slope of the smooth leaky ReLU, in (0, 1]")
     a("--teacher-width", type=int, default=32, help="hidden width of the teacher network")
     a("--num-classes", type=int, default=4, help="classes of the classification task")
-    a("--target-noise", type=float, default=0.3,
+    a("--target-noise", type=common.finite_float, default=0.3,
       help="regression: std of Gaussian noise added to the standardised targets")
-    a("--label-noise", type=float, default=0.1,
+    a("--label-noise", type=common.finite_float, default=0.1,
       help="classification: probability that a label is replaced by a uniformly random one")
     a("--data-seed", type=int, default=0, help="seed of the immersion, teacher and test set")
     a("--train-size", type=int, default=200, help="N: training points per student")
     a("--test-size", type=int, default=20000, help="fresh test points")
     a("--width", type=int, default=64, help="student hidden width (base run)")
     a("--depth", type=int, default=3, help="student linear layers")
-    a("--lr", type=float, default=3e-3, help="Adam learning rate")
+    a("--lr", type=common.finite_float, default=3e-3, help="Adam learning rate")
     a("--steps", type=int, default=2000, help="full-batch Adam steps (base run)")
-    a("--smoothings", nargs="+", type=float, default=[0.05, 0.1, 0.2, 0.4],
+    a("--smoothings", nargs="+", type=common.finite_float, default=[0.05, 0.1, 0.2, 0.4],
       help="family: label smoothing values in [0, 1] (regression: shrinkage to the mean)")
-    a("--weight-decays", nargs="+", type=float, default=[0.1, 0.3, 1.0],
+    a("--weight-decays", nargs="+", type=common.finite_float, default=[0.1, 0.3, 1.0],
       help="family: AdamW (decoupled) weight decays")
     a("--widths", nargs="+", type=int, default=[16, 32, 128, 256], help="family: student widths")
     a("--step-variants", nargs="+", type=int, default=[125, 500, 8000], help="family: training lengths")
@@ -117,14 +117,14 @@ def parse_args(argv=None):
     a("--pool-size", type=int, default=1000000, help="fresh points for the sup and the draws")
     a("--max-sample-size", type=int, default=100000, help="largest N of the sample-max grid")
     a("--draws", type=int, default=200, help="random N-subsets per N")
-    a("--eps-fractions", nargs="+", type=float, default=[0.01, 0.03, 0.1],
+    a("--eps-fractions", nargs="+", type=common.finite_float, default=[0.01, 0.03, 0.1],
       help="Eq. (8) eps as fractions of the estimated sup, in (0, 1)")
     a("--ascent-starts", type=int, default=32, help="projected-ascent starts (half the pool's top)")
     a("--ascent-steps", type=int, default=100, help="projected-ascent steps")
-    a("--ascent-lr", type=float, default=0.02, help="ascent step length in latent units")
+    a("--ascent-lr", type=common.finite_float, default=0.02, help="ascent step length in latent units")
     a("--lip-pairs", type=int, default=50000, help="point pairs for Lip(Jf) and Lip(g)")
     a("--test-functions", type=int, default=64, help="random 1-Lipschitz functions for C")
-    a("--eig-tol", type=float, default=1e-4, help="relative tolerance of sharpness")
+    a("--eig-tol", type=common.finite_float, default=1e-4, help="relative tolerance of sharpness")
     smoke = dict(out="results/theory_smoke", trials=1, tasks=["classification"],
                  distributions=["immersion"], train_size=64, test_size=2000, width=16,
                  steps=60, smoothings=[0.2], weight_decays=[0.1], widths=[8], step_variants=[20],
@@ -823,4 +823,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_main(main, parse_args)

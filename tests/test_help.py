@@ -23,7 +23,7 @@ def script_parser(script, monkeypatch):
     return captured[0]
 
 
-@pytest.mark.parametrize("script", list(SCRIPTS))
+@pytest.mark.parametrize("script", [*SCRIPTS, "theory"])
 def test_every_flag_has_help_and_shows_its_default_once(script, monkeypatch):
     parser = script_parser(script, monkeypatch)
     formatter = parser._get_formatter()
