@@ -98,7 +98,9 @@ def parse_args(argv=None):
 def validate(args):
     common.check_width(args)
     common.check_positive(args, "lrs", "batch_sizes", "eval_every", "window", "max_iterations",
-                          "width", "measure_size", "eig_tol", "eig_max_iter", "checkpoint_seconds")
+                          "width", "measure_size", "eig_tol", "eig_max_iter")
+    common.check(args.checkpoint_seconds >= 0,
+                 f"--checkpoint-seconds must be non-negative, got {args.checkpoint_seconds}")
     common.check(args.weight_decay >= 0, f"--weight-decay must be non-negative, got {args.weight_decay}")
     common.check(0 <= args.momentum < 1, f"--momentum must lie in [0, 1), got {args.momentum}")
     common.check(args.target_loss is None or args.target_loss > 0,

@@ -124,7 +124,9 @@ def parse_args(argv=None):
 def validate(args):
     common.check_width(args)
     common.check_positive(args, "lrs", "epochs", "batch_size", "width", "measure_size", "eig_tol",
-                          "eig_max_iter", "checkpoint_seconds")
+                          "eig_max_iter")
+    common.check(args.checkpoint_seconds >= 0,
+                 f"--checkpoint-seconds must be non-negative, got {args.checkpoint_seconds}")
     for name in ("weight_decay", "weight_decays", "mixup_betas", "sam_rhos"):
         values = getattr(args, name)
         values = values if isinstance(values, list) else [values]

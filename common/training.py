@@ -108,7 +108,9 @@ def train_step(model, optimizer, loss_fn, x, y, *, ghost_batch_size=None, rho=0.
 
     The optimizer (momentum, weight decay, learning rate) steps from w with that gradient; the
     perturbed pass leaves BN running statistics alone (they track w, not w + e). The step is
-    skipped when the loss is not finite.
+    skipped when the loss is not finite; the forward pass has then already put that batch's
+    (non-finite) statistics into BN's running statistics, which is why every script records
+    such a run as diverged and stops it.
 
     Returns:
         (loss at w, accuracy at w) as floats; accuracy is None for probability targets.
