@@ -42,3 +42,15 @@ def test_named_files_exist():
         for name in re.findall(r"`([\w./-]+\.(?:png|json|csv|md))`", " ".join(row)):
             path = ROOT / "plots" / name
             assert path.exists(), f"row {row[0]} names {name}, not committed"
+
+
+def test_readme_links_the_ledger_and_quotes_its_counts():
+    counts = {}
+    for row in rows():
+        counts[verdict_of(row[-1])] = counts.get(verdict_of(row[-1]), 0) + 1
+    readme = (ROOT / "README.md").read_text()
+    assert "plots/CLAIMS.md" in readme
+    sentence = re.search(r"Of its (\d+) claims, ([^.]*)\.", readme)
+    assert sentence and int(sentence.group(1)) == len(rows())
+    for verdict, n in counts.items():
+        assert re.search(rf"\b{n} {verdict}\b", sentence.group(2)), (verdict, n)
