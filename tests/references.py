@@ -104,9 +104,12 @@ def dense_jacobian(f, x0):
     return torch.stack(cols, dim=-1)  # (*f(x0).shape, x0.numel())
 
 
-def flat_function(model):
-    names = [n for n, p in model.named_parameters()]
-    params = [p.detach() for p in model.parameters()]
+def flat_function(model, trainable_only=False):
+    """(flat parameter vector, flat -> {name: tensor}) over all parameters, or over those that
+    require gradients."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
+    names = [n for n, _ in named]
+    params = [p.detach() for _, p in named]
     flat0 = torch.cat([p.reshape(-1) for p in params])
 
     def unflat(flat):

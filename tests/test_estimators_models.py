@@ -16,6 +16,7 @@ from torch.func import functional_call
 
 from common.estimators import (ConvergenceWarning, gauss_newton_norm, jacobian_norm, math_attention,
                                sharpness, top_eigenvalues)
+from references import flat_function
 
 TOL = dict(tol=1e-10, max_iter=400)
 
@@ -121,17 +122,7 @@ class reference_mode:
 
 
 def trainable(model):
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = [p.detach() for n, p in model.named_parameters() if p.requires_grad]
-    flat0 = torch.cat([p.reshape(-1) for p in params])
-
-    def unflat(flat):
-        out, i = {}, 0
-        for n, p in zip(names, params):
-            out[n] = flat[i:i + p.numel()].view_as(p)
-            i += p.numel()
-        return out
-    return flat0, unflat
+    return flat_function(model, trainable_only=True)
 
 
 def dense_hessian(model, loss_fn, batches):

@@ -1,4 +1,4 @@
-"""Tests for the harness in common.py: data, MLPs, ghost-batch training, runs, CLI, plotting."""
+"""Tests for the harness in common: data, MLPs, ghost-batch training, runs, CLI, plotting."""
 import json
 import math
 

@@ -1,4 +1,4 @@
-"""Tests for the VGG11 and ResNet18 models in common.py (section 3)."""
+"""Tests for the VGG11 and ResNet18 models in common/models.py."""
 import inspect
 import math
 

@@ -1,4 +1,4 @@
-"""Tests for the regularisers and sweep helpers in common.py: augmentation, mixup, soft-target
+"""Tests for the regularisers and sweep helpers in common: augmentation, mixup, soft-target
 cross entropy, the SAM step, Kendall's tau and the grid helpers."""
 import math
 
