@@ -202,7 +202,7 @@ def train(config, args, device):
         state = None
         if not alive:
             break  # every trial diverged
-    summary = measure(trials, x, y)
+    summary = table_and_fit_values(trials, x, y)
     diverged = [t for t, loss in enumerate(summary["loss"]) if not math.isfinite(loss)]
     status = "diverged" if len(diverged) == config["trials"] else "finished"
     run.finish(status, diverged_trials=diverged, **summary)
@@ -240,7 +240,7 @@ def run_phase(run, trials, phase, steps, config, x, y, state, no_progress):
 # ----------------------------------------------------------------------------- measurements
 
 
-def measure(trials, x, y, grid_points=401):
+def table_and_fit_values(trials, x, y, grid_points=401):
     """Per trial: final loss, Jacobian norm over the training points, sharpness, first-layer
     weight norm; and the fitted function on a grid of [-1, 1] for Figure 32."""
     grid = torch.linspace(-1, 1, grid_points, device=x.device).unsqueeze(1)

@@ -130,7 +130,7 @@ def train(config, args, data, measure_idx, device):
     for step in common.progress(range(start, config["iterations"] + 1), desc=label,
                                 initial=start, total=config["iterations"] + 1, disable=args.no_progress):
         measuring = step % config["measure_every"] == 0 or step == config["iterations"]
-        row = measure(model, loss_fn, x[measure_idx], y[measure_idx]) if measuring else {}
+        row = curve_point(model, loss_fn, x[measure_idx], y[measure_idx]) if measuring else {}
         if step < config["iterations"]:  # loss and accuracy before this step's update
             loss, accuracy = common.train_step(model, optimizer, loss_fn, x, y,
                                                ghost_batch_size=config["ghost_batch_size"])
@@ -149,8 +149,9 @@ def train(config, args, data, measure_idx, device):
 # ----------------------------------------------------------------------------- measurements
 
 
-def measure(model, loss_fn, x, y):
-    """Sharpness, softmax Jacobian norm and last-hidden-feature spectral norm on (x, y)."""
+def curve_point(model, loss_fn, x, y):
+    """One point of the Figure 30/31 curves: sharpness, softmax Jacobian norm and the
+    last hidden features' spectral norm on (x, y)."""
     batches = [(x[s], y[s]) for s in common.index_chunks(len(x), 2500)]
     return {**common.eigenvalue_with_convergence(common.sharpness, "sharpness", model, loss_fn,
                                                  batches),

@@ -201,7 +201,7 @@ def train(config, args, data, device):
     for step in range(start, total + 1):
         # a checkpoint is taken right after a measurement: a resumed run has that row already
         if is_measured(step, config, per_epoch, total) and not (state and step == start):
-            row = measure(model, loss_fn, x_measure, y_measure, config, data.num_classes)
+            row = curve_point(model, loss_fn, x_measure, y_measure, config, data.num_classes)
             if loss_count:
                 row["train_loss"] = loss_sum / loss_count
             run.log(step, epoch=step / per_epoch, **row)
@@ -234,8 +234,9 @@ def train(config, args, data, device):
 # ----------------------------------------------------------------------------- measurements
 
 
-def measure(model, loss_fn, x, y, config, num_classes):
-    """Sharpness, Jacobian norm, output norm, loss and accuracy on the measurement subset."""
+def curve_point(model, loss_fn, x, y, config, num_classes):
+    """One point of the Figure 28/29 curves: sharpness, Jacobian norm, output norm, loss and
+    accuracy on the measurement subset."""
     row = common.progressive_sharpening_metrics(model, loss_fn, x, y,
                                                 ghost_batch_size=config["ghost_batch_size"],
                                                 tol=config["eig_tol"],
