@@ -319,7 +319,8 @@ def write_tables(args, runs, stem):
 
 def plot_fits(runs, stem, subtitle=None):
     """Figure 32: one panel per activation, the data and every trial's fit (trial 0 bold),
-    line style per initialisation; `subtitle` names the data and scale."""
+    line style (solid: high-frequency init, dashed: low-frequency) per initialisation;
+    `subtitle` names the data and scale."""
     x, y = training_points()
     activations = [a for a in ("gaussian", "relu") if any(r["config"]["activation"] == a for r in runs)]
     fig, axes = common.new_figure(1, len(activations), panel_size=(4.5, 3.2))
@@ -330,13 +331,15 @@ def plot_fits(runs, stem, subtitle=None):
                 for t, fit in enumerate(res["fit"]):
                     ax.plot(res["grid"], fit, color=f"C{i}", linestyle=common.LINESTYLES[i],
                             linewidth=1.6 if t == 0 else 0.6, alpha=1.0 if t == 0 else 0.35,
-                            label=f"{init} frequency init" if t == 0 else None)
-        ax.plot(x[:, 0], y[:, 0], "ko", markersize=5, label="data", zorder=3)
+                            label=f"{init}-frequency init (bold: trial 0; thin: the other "
+                                  f"trials)" if t == 0 else None)
+        ax.plot(x[:, 0], y[:, 0], "ko", markersize=5, label="the 8 training points", zorder=3)
         ax.set_title(f"{activation} network")
         ax.set_xlabel("x")
+        ax.set_ylabel("network output f(x)")
         ax.set_ylim(-2.5, 2.5)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", loc="lower right")
+        ax.legend(fontsize="x-small", loc="lower right")
     if subtitle:
         fig.suptitle(subtitle)
     return common.save_figure(fig, stem, settings=[r["config"] for r in runs])
@@ -361,7 +364,8 @@ def main(args):
     common.save_runs_summary(runs, f"{args.out}/plots/runs.json")
     scale = common.scale_label(args, args.hidden_width != 256)
     paths = plot_fits(runs, f"{args.out}/plots/fig32_fits",
-                      subtitle=f"8 points of sin(pi x) (the paper's data), {scale}")
+                      subtitle=f"8 points of sin(pi x) (our choice: the paper does not give "
+                               f"its points), {scale}")
     paths += write_tables(args, runs, f"{args.out}/plots/tables")
     for path in paths:
         print(f"wrote {path}")
