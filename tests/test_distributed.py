@@ -19,6 +19,8 @@ from common.estimators import (gauss_newton_norm, gauss_newton_operator, hessian
                                jacobian_norm, sharpness)
 from common.training import ghost_batch_gradient
 
+pytestmark = pytest.mark.slow  # every test launches two processes
+
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [7, 5, 6, 4, 3]  # rank 0 takes the first 2 batches (12 examples), rank 1 the other 3
 SPLIT = 2

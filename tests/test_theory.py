@@ -166,6 +166,7 @@ def test_smoke_run_writes_runs_summary_and_plots_and_plot_only_redraws(smoke_out
     assert all(path.stat().st_mtime_ns > t for path, t in stamps.items())
 
 
+@pytest.mark.slow  # a subprocess per case
 @pytest.mark.parametrize("flags", [["--train-size", "-5"], ["--smoothings", "1.5"], ["--lr", "nan"],
                                    ["--tasks", "ranking"]])
 def test_bad_arguments_exit_2_with_one_line_and_write_nothing(tmp_path, flags):
