@@ -255,7 +255,7 @@ def plot(args, runs):
             if not mine:
                 continue
             name = f"{model}_{dataset}"
-            correlations[name] = common.sweep_correlations(mine)
+            correlations[name] = common.sweep_correlations(mine, within="lr")
             number = FIGURES.get((model, dataset.removeprefix("synthetic-")))
             for x_key, style_key, offset, suffix in (("lr", "batch_size", 0, "vs_lr"),
                                                      ("batch_size", "lr", 4, "vs_batch")):
@@ -282,7 +282,9 @@ def sweep_figure(runs, x_key, style_key, title, correlation):
     trials = len({r["config"]["trial"] for r in runs})
     fig.suptitle(f"{title}: end of training, mean ± std over {trials} trials\nKendall τ(gap, "
                  f"Jacobian) = {correlation['tau_gap_jacobian']:.2f}, τ(gap, sharpness) = "
-                 f"{correlation['tau_gap_sharpness']:.2f} over {correlation['n']} cells")
+                 f"{correlation['tau_gap_sharpness']:.2f} over {correlation['n']} cells\nwithin one lr, τ(gap, Jacobian) / τ(gap, sharpness): "
+                 + ", ".join(f"{lr}: {w['tau_gap_jacobian']:.2f} / {w['tau_gap_sharpness']:.2f}"
+                             for lr, w in correlation["per_lr"].items()))
     return fig
 
 
@@ -317,6 +319,9 @@ def main(args):
     for name, c in correlations.items():
         print(f"{name}: Kendall tau(gap, Jacobian) = {c['tau_gap_jacobian']:.3f}, "
               f"tau(gap, sharpness) = {c['tau_gap_sharpness']:.3f} over {c['n']} cells")
+        for lr, w in c["per_lr"].items():
+            print(f"  lr {lr}: tau(gap, Jacobian) = {w['tau_gap_jacobian']:.3f}, "
+                  f"tau(gap, sharpness) = {w['tau_gap_sharpness']:.3f} over {w['n']} cells")
     for path in paths:
         print(f"wrote {path}")
 

@@ -284,7 +284,7 @@ def plot(args, out):
         for row, (sweep, runs) in zip(axes, rows):
             key, xlabel = SWEEPS[sweep]
             tau = correlations[f"{name}_{sweep}"] = common.sweep_correlations(
-                runs, against=("jacobian", "sharpness", "gauss_newton"))
+                runs, against=("jacobian", "sharpness", "gauss_newton"), within="lr")
             for ax, (metric, label) in zip(row, METRIC_LABELS.items()):
                 common.plot_sweep(ax, runs, key, "lr", metric, style_label="initial lr")
                 ax.set_xlabel(xlabel)
@@ -337,6 +337,9 @@ def main(args):
         print(f"{name}: Kendall tau(gap, Jacobian) = {c['tau_gap_jacobian']:.3f}, "
               f"tau(gap, sharpness) = {c['tau_gap_sharpness']:.3f}, "
               f"tau(gap, Gauss-Newton) = {c['tau_gap_gauss_newton']:.3f} over {c['n']} cells")
+        for lr, w in c["per_lr"].items():
+            print(f"  initial lr {lr}: tau(gap, Jacobian) = {w['tau_gap_jacobian']:.3f}, "
+                  f"tau(gap, sharpness) = {w['tau_gap_sharpness']:.3f} over {w['n']} cells")
     for path in paths:
         print(f"wrote {path}")
 

@@ -96,13 +96,22 @@ def kendall_tau(x, y):
     return float(np.sum(dx * dy) / denominator) if denominator > 0 else math.nan
 
 
-def sweep_correlations(runs, gap="gap", against=("jacobian", "sharpness")):
-    """{"n": cells used, "tau_gap_<m>": Kendall tau of gap against m} over the finished (not
-    diverged) runs, each cell (trial) one point."""
+def sweep_correlations(runs, gap="gap", against=("jacobian", "sharpness"), within=None):
+    """{"n": cells used, "tau_<gap>_<m>": Kendall tau of gap against m} over the finished (not
+    diverged) runs, each cell (trial) one point. With within="lr" (a config key) it adds
+    "per_lr": {value: the same dict over the cells with that value}, keys sorted by value."""
     done = [r for r in runs if r["result"]["status"] == "finished"]
 
-    def values(metric):
-        return [math.nan if r["result"].get(metric) is None else r["result"][metric] for r in done]
+    def values(cells, metric):
+        return [math.nan if r["result"].get(metric) is None else r["result"][metric] for r in cells]
 
-    return {"n": len(done), **{f"tau_{gap}_{m}": kendall_tau(values(gap), values(m)) for m in against}}
+    def taus(cells):
+        return {"n": len(cells), **{f"tau_{gap}_{m}": kendall_tau(values(cells, gap), values(cells, m))
+                                    for m in against}}
 
+    out = taus(done)
+    if within is not None:
+        levels = sorted({r["config"][within] for r in done})
+        out[f"per_{within}"] = {str(v): taus([r for r in done if r["config"][within] == v])
+                                for v in levels}
+    return out

@@ -43,6 +43,15 @@ def test_smoke_run_writes_cells_figures_and_correlations(tmp_path, capsys):
     for measure in ("jacobian", "sharpness"):
         expected = tau_b([r["gap"] for r in cells], [r[measure] for r in cells])
         assert tau[f"tau_gap_{measure}"] == pytest.approx(expected, abs=1e-12), measure
+    # and within each learning rate (the paper contrasts the networks at the largest one)
+    runs = json.loads((plots / "runs.json").read_text())
+    lrs = sorted({r["config"]["lr"] for r in runs})
+    assert list(tau["per_lr"]) == [str(lr) for lr in lrs]
+    for lr in lrs:
+        mine = [r["result"] for r in runs if r["config"]["lr"] == lr]
+        assert tau["per_lr"][str(lr)]["n"] == len(mine) > 0
+        expected = tau_b([r["gap"] for r in mine], [r["jacobian"] for r in mine])
+        assert tau["per_lr"][str(lr)]["tau_gap_jacobian"] == pytest.approx(expected, abs=1e-12, nan_ok=True)
 
 
 def tau_b(x, y):

@@ -214,3 +214,17 @@ def test_sweep_correlations_skip_diverged_cells():
     runs = [run(1, 1), run(2, 2), run(3, 3), run(None, None, "diverged")]
     c = common.sweep_correlations(runs)
     assert c == {"n": 3, "tau_gap_jacobian": pytest.approx(1.0), "tau_gap_sharpness": pytest.approx(-1.0)}
+
+
+def test_sweep_correlations_within_a_learning_rate():
+    def run(lr, gap, jac):
+        return {"config": {"lr": lr}, "result": {"status": "finished", "gap": gap, "jacobian": jac,
+                                                 "sharpness": gap}}
+    # Pooled, the Jacobian follows the gap; within each lr it runs against it.
+    runs = [run(0.1, 1, 2), run(0.1, 2, 1), run(0.01, 3, 4), run(0.01, 4, 3)]
+    c = common.sweep_correlations(runs, within="lr")
+    assert c["tau_gap_jacobian"] == pytest.approx(1 / 3)
+    assert list(c["per_lr"]) == ["0.01", "0.1"]
+    for lr in ("0.01", "0.1"):
+        assert c["per_lr"][lr] == {"n": 2, "tau_gap_jacobian": pytest.approx(-1.0),
+                                   "tau_gap_sharpness": pytest.approx(1.0)}

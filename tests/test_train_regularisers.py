@@ -46,6 +46,7 @@ def test_smoke_run_covers_every_sweep_with_shared_baselines(tmp_path, capsys):
     tau = json.loads((tmp_path / "plots" / "correlations.json").read_text())
     assert set(tau) == {f"synthetic-cifar10_vgg11_bn_{s}" for s in tr.SWEEPS}
     assert all(t["n"] == 2 for t in tau.values())
+    assert all(sum(w["n"] for w in t["per_lr"].values()) == t["n"] for t in tau.values())
     assert (tmp_path / "plots" / "fig21_synthetic-cifar10_vgg11_bn.png").exists()
 
 
