@@ -2,6 +2,7 @@
 device choice and progress bars."""
 import argparse
 import contextlib
+import fractions
 import math
 import os
 import signal
@@ -169,8 +170,21 @@ def dataset_label(dataset):
 
 
 def scale_label(args, reduced=False):
-    """How plot titles name the scale: smoke, reduced (settings below the paper's) or paper."""
-    return "smoke scale" if args.smoke else "reduced scale" if reduced else "paper scale"
+    """How plot titles name the scale: smoke, paper, or reduced (settings below the paper's)
+    with the channel width and training-set size where the script has them, e.g.
+    "reduced scale (width 1/8, 4000 training images)"."""
+    if args.smoke:
+        return "smoke scale"
+    if not reduced:
+        return "paper scale"
+    parts = []
+    width = getattr(args, "width", None)
+    if width is not None and width != 1:
+        parts.append(f"width {fractions.Fraction(width).limit_denominator(64)}")
+    train_size = getattr(args, "train_size", None)
+    if train_size is not None:
+        parts.append(f"{train_size} training images")
+    return "reduced scale" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def check(condition, msg):

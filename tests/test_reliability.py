@@ -186,6 +186,10 @@ def test_titles_name_data_and_scale():
     args.smoke = False
     assert common.scale_label(args, reduced=True) == "reduced scale"
     assert common.scale_label(args) == "paper scale"
+    args.width, args.train_size = 0.0625, 1000
+    assert common.scale_label(args, reduced=True) == "reduced scale (width 1/16, 1000 training images)"
+    args.width, args.train_size = 1.0, None
+    assert common.scale_label(args, reduced=True) == "reduced scale"
 
 
 # -------------------------------------------------------------------------- plots
