@@ -150,8 +150,11 @@ def test_interrupt_one_line_and_resumable(tmp_path, sig, status):
     # between the checkpoint and the signal.
     cmd = [sys.executable, str(ROOT / "vgg_sgd.py"), "--smoke", "--no-progress",
            "--epochs", "100000", "--checkpoint-seconds", "0", "--trials", "1"]
+    # SIG_DFL for SIGINT in the child: a shell starts background jobs (`pytest &`) with SIGINT
+    # ignored, and an ignored signal stays ignored across exec.
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     import torch
 
     def checkpointed_step():  # -1 until a checkpoint is on disk (written atomically)
