@@ -280,11 +280,12 @@ def sweep_figure(runs, x_key, style_key, title, correlation):
         ax.set_ylabel(label)
     axes[0, 0].legend(fontsize="x-small")
     trials = len({r["config"]["trial"] for r in runs})
+    within = ", ".join(f"{lr}: {w['tau_gap_jacobian']:.2f} / {w['tau_gap_sharpness']:.2f}"
+                       for lr, w in correlation["per_lr"].items())
     fig.suptitle(f"{title}: end of training, mean ± std over {trials} trials\nKendall τ(gap, "
                  f"Jacobian) = {correlation['tau_gap_jacobian']:.2f}, τ(gap, sharpness) = "
-                 f"{correlation['tau_gap_sharpness']:.2f} over {correlation['n']} cells\nwithin one lr, τ(gap, Jacobian) / τ(gap, sharpness): "
-                 + ", ".join(f"{lr}: {w['tau_gap_jacobian']:.2f} / {w['tau_gap_sharpness']:.2f}"
-                             for lr, w in correlation["per_lr"].items()))
+                 f"{correlation['tau_gap_sharpness']:.2f} over {correlation['n']} cells\n"
+                 f"within one lr, τ(gap, Jacobian) / τ(gap, sharpness): {within}")
     return fig
 
 
