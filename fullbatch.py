@@ -49,6 +49,12 @@ Choices where the paper is silent (a careful reading, not the authors' code):
   from --seed and shared by every run.
 - Sharpness on the measurement subset is split into ghost batches of --ghost-batch-size (one
   batch of 2500 at paper scale), by Lanczos to relative error --eig-tol.
+- Beside the sharpness, the curvature the step feels along the measured top eigenvector v, on
+  the same subset and BN mode (common.step_curvature / realised_curvature, float64): the secant
+  second difference of the subset loss at h = lr |g.v| (g its gradient), and the curvature the
+  update realised, (g_{t+1} - g_t).v / (dtheta.v). A ReLU net's loss is far from quadratic
+  along v, so the sharpness (curvature at theta) can sit well above 2/lr while these stay near
+  it. Both are drawn as markers on the sharpness panel; g.v, dtheta.v and h are saved to audit.
 """
 import math
 
@@ -200,8 +206,9 @@ def train(config, args, data, device, group=None):
 
     Per iteration t: the gradient pass at the current parameters gives loss and accuracy of t;
     then, if t is the last iteration (fixed length, or the target accuracy reached) or a
-    measurement iteration, sharpness and Jacobian norm are measured at the same parameters;
-    then the update is applied unless t is the last. With a torchrun `group` the ranks share
+    measurement iteration, sharpness, Jacobian norm and the step-scale curvature along the top
+    eigenvector are measured at the same parameters; then the update is applied unless t is the
+    last, and the curvature it realised along that eigenvector is added to t's row. With a torchrun `group` the ranks share
     the ghost batches and the measurements; rank 0 alone writes, every rank resumes from its
     checkpoint.
     """
@@ -234,16 +241,24 @@ def train(config, args, data, device, group=None):
             return finish(run, group, "diverged", step=step)
         reached = fixed is None and accuracy >= config["target_accuracy"]
         final = reached or step == last
+        pending = None
         if final or step % config["measure_every"] == 0:
-            row.update(common.progressive_sharpening_metrics(
+            point, pending = common.progressive_sharpening_metrics(
                 model, loss_fn, x_measure, y_measure, ghost_batch_size=config["ghost_batch_size"],
-                tol=config["eig_tol"], max_iter=config["eig_max_iter"], process_group=group))
+                tol=config["eig_tol"], max_iter=config["eig_max_iter"], process_group=group,
+                step_lr=config["lr"])
+            row.update(point)
+        if not final:
+            optimizer.step()
+            if pending is not None:  # the curvature along the top eigenvector this step realised
+                row.update(common.realised_curvature(
+                    model, loss_fn, x_measure, y_measure, pending,
+                    ghost_batch_size=config["ghost_batch_size"], process_group=group))
         run.log(step, **row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3g}", acc=f"{accuracy:.3f}")
         if final:
             break
-        optimizer.step()
         if "sharpness" in row:
             run.checkpoint(lambda: common.training_state(step + 1, model, optimizer))
     bar.close()
@@ -320,8 +335,8 @@ def requested_configs(args):
 
 
 def plot(args, runs):
-    """One figure per (model, lr): loss, sharpness (with 2/lr) and Jacobian norm (log y), a line
-    style per smoothing, mean +- std over trials."""
+    """One figure per (model, lr): loss, sharpness (with 2/lr and the step-scale curvatures as
+    markers) and Jacobian norm (log y), a line style per smoothing, mean +- std over trials."""
     paths = []
     for model in args.models:
         for lr in args.lrs:
@@ -338,9 +353,7 @@ def plot(args, runs):
                                                  f"mean ± std over {trials} trials\n"
                                                  f"{common.dataset_label(args.dataset)}, "
                                                  f"{common.scale_label(args, reduced)}")
-            ax = panels["sharpness"]
-            ax.axhline(2 / lr, color="grey", linewidth=0.8, linestyle=":", label="2 / lr")
-            ax.legend(fontsize="small")
+            common.plot_step_curvatures(panels["sharpness"], mine, "smoothing", two_over_lr=2 / lr)
             stem = f"{PAPER_FIGURES.get((model, lr), 'fig')}_{model}_lr{lr:g}"
             paths += common.save_figure(fig, f"{args.out}/plots/{stem}",
                                         settings=[r["config"] for r in mine])

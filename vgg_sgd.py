@@ -47,6 +47,11 @@ Choices where the paper is silent (a careful reading, not the authors' code):
   every smoothing of a trial shares them and the order of the batches.
 - No 2/lr line on the sharpness panels (unlike fullbatch.py): it is the stability bound of
   full-batch GD, not of SGD, and at lr 0.01 it (200) would flatten the curves.
+- Beside the sharpness, the curvature a step feels along the measured top eigenvector v, on the
+  same subset and BN mode (common.step_curvature / realised_curvature, float64): the secant
+  second difference of the subset loss at h = lr |g.v| (g its gradient), and the curvature the
+  next SGD step realised, (g_{t+1} - g_t).v / (dtheta.v). Both are drawn as markers on the
+  sharpness panel; g.v, dtheta.v and h are saved to audit them.
 """
 import math
 
@@ -173,9 +178,11 @@ def is_measured(step, config, per_epoch, total):
 def train(config, args, data, device):
     """Trains one run (resuming from its checkpoint, or skipping it if saved); returns it loaded.
 
-    Iteration `step` is measured at the parameters after `step` updates; the checkpoint holds
-    model, optimiser, the batch-order generator, the epoch's permutation and the running loss,
-    so a resumed run continues exactly where the killed one stopped.
+    Iteration `step` is measured at the parameters after `step` updates; the curvature along
+    its top eigenvector realised by the next SGD step is added to its row after that step. The
+    checkpoint holds model, optimiser, the batch-order generator, the epoch's permutation, the
+    running loss and that pending measurement, so a resumed run continues exactly where the
+    killed one stopped.
     """
     run = common.Run(args.out, config, RUN_KEYS, checkpoint_seconds=args.checkpoint_seconds)
     if run.done:
@@ -188,20 +195,22 @@ def train(config, args, data, device):
     per_epoch = steps_per_epoch(config, n_train)
     total = per_epoch * config["epochs"]
     order = torch.Generator().manual_seed(config["seed"])  # batch order
-    perm, loss_sum, loss_count = None, 0.0, 0
+    perm, loss_sum, loss_count, pending = None, 0.0, 0, None
     state = run.begin(device)
     start = 0
     if state:
         start = common.restore_training_state(state, model, optimizer)
         order.set_state(state["order"])
         perm, loss_sum, loss_count = state["perm"], state["loss_sum"], state["loss_count"]
+        pending = state.get("pending")
     label = f"{config['model']} sgd s={config['smoothing']:g} trial={config['trial']}"
     bar = common.progress(total=total + 1, initial=start, desc=label, disable=args.no_progress)
     model.train()
     for step in range(start, total + 1):
         # a checkpoint is taken right after a measurement: a resumed run has that row already
         if is_measured(step, config, per_epoch, total) and not (state and step == start):
-            row = curve_point(model, loss_fn, x_measure, y_measure, config, data.num_classes)
+            row, pending = curve_point(model, loss_fn, x_measure, y_measure, config,
+                                       data.num_classes)
             if loss_count:
                 row["train_loss"] = loss_sum / loss_count
             run.log(step, epoch=step / per_epoch, **row)
@@ -209,7 +218,7 @@ def train(config, args, data, device):
             bar.set_postfix(loss=f"{row['loss']:.3g}", sharpness=f"{row['sharpness']:.3g}")
             run.checkpoint(lambda: common.training_state(
                 step, model, optimizer, order=order.get_state(), perm=perm,
-                loss_sum=loss_sum, loss_count=loss_count))
+                loss_sum=loss_sum, loss_count=loss_count, pending=pending))
         if step == total:
             break
         if step % per_epoch == 0:
@@ -221,6 +230,9 @@ def train(config, args, data, device):
             run.log(step, epoch=step / per_epoch, train_loss=math.nan)
             run.finish("diverged", step=step)
             return run.load()
+        if pending is not None:  # the curvature this step realised, into the measured row
+            run.metrics[-1].update(realised(model, loss_fn, x_measure, y_measure, pending, config))
+            pending = None
         loss_sum += common.excess_loss(loss, config["smoothing"], data.num_classes)
         loss_count += 1
         bar.update(1)
@@ -235,16 +247,25 @@ def train(config, args, data, device):
 
 
 def curve_point(model, loss_fn, x, y, config, num_classes):
-    """One point of the Figure 28/29 curves: sharpness, Jacobian norm, output norm, loss and
-    accuracy on the measurement subset."""
-    row = common.progressive_sharpening_metrics(model, loss_fn, x, y,
-                                                ghost_batch_size=config["ghost_batch_size"],
-                                                tol=config["eig_tol"],
-                                                max_iter=config["eig_max_iter"],
-                                                with_output_norm=True)
+    """One point of the Figure 28/29 curves: sharpness, Jacobian norm, output norm, loss,
+    accuracy and the step-scale curvature along the top eigenvector on the measurement subset.
+
+    Returns:
+        (row, pending): `pending` gives `realised` the curvature after the next SGD step."""
+    row, pending = common.progressive_sharpening_metrics(
+        model, loss_fn, x, y, ghost_batch_size=config["ghost_batch_size"], tol=config["eig_tol"],
+        max_iter=config["eig_max_iter"], with_output_norm=True, step_lr=config["lr"])
     loss, accuracy = common.evaluate(model, loss_fn, x, y, config["ghost_batch_size"])
     return {"loss": common.excess_loss(loss, config["smoothing"], num_classes),
-            "accuracy": accuracy, **row}
+            "accuracy": accuracy, **row}, pending
+
+
+def realised(model, loss_fn, x, y, pending, config):
+    """The curvature along the measured top eigenvector that the SGD step after a measurement
+    realised on the measurement subset (`common.realised_curvature`); NaN stored as None."""
+    row = common.realised_curvature(model, loss_fn, x, y, pending,
+                                    ghost_batch_size=config["ghost_batch_size"])
+    return {k: (None if v is None or not math.isfinite(v) else v) for k, v in row.items()}
 
 
 # ----------------------------------------------------------------------------- plotting
@@ -271,10 +292,11 @@ def plot(args, runs):
         figures.append(("fig29_all_epochs", runs, "all epochs", ("jacobian", "output_norm")))
     paths = []
     for stem, shown, span, logs in figures:
-        fig, _ = common.plot_runs(shown, list(METRIC_LABELS), "smoothing", labels=METRIC_LABELS,
-                               style_label="smoothing", log_metrics=logs,
-                               xlabel=f"iteration ({per_epoch} per epoch)",
-                               title=f"{title}, {span}\n{data}")
+        fig, panels = common.plot_runs(shown, list(METRIC_LABELS), "smoothing",
+                                       labels=METRIC_LABELS, style_label="smoothing",
+                                       log_metrics=logs, xlabel=f"iteration ({per_epoch} per epoch)",
+                                       title=f"{title}, {span}\n{data}")
+        common.plot_step_curvatures(panels["sharpness"], shown, "smoothing")
         paths += common.save_figure(fig, f"{args.out}/plots/{stem}",
                                     settings=[r["config"] for r in runs])
     return paths

@@ -8,7 +8,8 @@ Where each name lives:
   data          DATASETS, Data, load_data, load_arrays, subset_indices, standardisation stats.
   models        MLP (ReLU / tanh / Gaussian), VGG11, ResNet18, MODELS, build_model.
   training      losses, ghost_batch_gradient, train_step (GD, SGD, SAM), evaluate, augment, mixup.
-  measurements  progressive_sharpening_metrics (Figs 1, 6-11, 28-29), end_of_training_metrics
+  measurements  progressive_sharpening_metrics (Figs 1, 6-11, 28-29) with step_curvature and
+                realised_curvature (curvature along the top eigenvector), end_of_training_metrics
                 (Figs 2-5, 12-27), bn_mode_jacobian_norms (Theorem A.1), excess_loss.
   runs          Run directories, atomic JSON/torch saving, checkpoints, loading saved runs.
   distributed   torchrun start-up (init_from_env), rank, world_size, is_main, barrier, share of
@@ -31,11 +32,13 @@ from .estimators import (BN_TYPES, DROPOUT_TYPES, ConvergenceWarning, EigenResul
                          gauss_newton_norm, gauss_newton_operator, hessian_operator,
                          jacobian_norm, math_attention, no_tf32, sharpness, top_eigenvalues)
 from .measurements import (bn_mode_jacobian_norms, eigenvalue_with_convergence,
-                           end_of_training_metrics, excess_loss, output_norm,
-                           progressive_sharpening_metrics, recorded_convergence)
+                           end_of_training_metrics, excess_loss, measurement_batches,
+                           output_norm, progressive_sharpening_metrics, realised_curvature,
+                           recorded_convergence, step_curvature)
 from .models import (ACTIVATIONS, INITS, MLP, MODELS, VGG11, VGG11_CONFIG, BasicBlock, Gaussian,
                      ResNet18, build_model)
-from .plotting import LINESTYLES, mean_std, new_figure, plot_band, plot_runs, plot_sweep, save_figure
+from .plotting import (LINESTYLES, mean_std, new_figure, plot_band, plot_runs,
+                       plot_step_curvatures, plot_sweep, save_figure)
 from .runs import (DamagedRun, Run, atomic_write, config_hash, load_json, load_run, load_saved,
                    metric_series, move_aside, pending_runs, restore_training_state, run_name,
                    save_json, save_runs_summary, save_torch, training_state)

@@ -1,7 +1,9 @@
 """Measurements: what the figures plot.
 
 - `progressive_sharpening_metrics` (Figures 1, 6-11 of fullbatch.py and 28-29 of vgg_sgd.py): sharpness,
-  softmax Jacobian norm (and output norm) on a fixed training subset during training.
+  softmax Jacobian norm (and output norm) on a fixed training subset during training, and with
+  `step_lr` the step-scale curvature along the top eigenvector (`step_curvature`, then
+  `realised_curvature` after the training step).
 - `end_of_training_metrics` (Figures 2-5, 12-27 of batch_lr.py and train_regularisers.py):
   losses, gap, sharpness, Gauss-Newton norm and Jacobian norm of a trained model.
 """
@@ -13,7 +15,8 @@ import torch
 
 from .data import subset_indices
 from .distributed import share
-from .estimators import ConvergenceWarning, MeasureMode, gauss_newton_norm, jacobian_norm, sharpness
+from .estimators import (ConvergenceWarning, MeasureMode, _flatten, _trainable_parameters,
+                         _unflatten, gauss_newton_norm, jacobian_norm, no_tf32, sharpness)
 from .training import evaluate, index_chunks, label_entropy
 
 def excess_loss(loss, smoothing, num_classes):
@@ -51,7 +54,8 @@ def eigenvalue_with_convergence(estimator, name, *args, **kwargs):
 
 
 def progressive_sharpening_metrics(model, loss_fn, x, y, *, ghost_batch_size=None, tol=1e-3,
-                                   max_iter=100, with_output_norm=False, process_group=None):
+                                   max_iter=100, with_output_norm=False, process_group=None,
+                                   step_lr=None):
     """One point of the progressive-sharpening curves (Figures 1, 6-11 and 28-29), measured on a
     fixed training subset (x, y) during training.
 
@@ -61,18 +65,18 @@ def progressive_sharpening_metrics(model, loss_fn, x, y, *, ghost_batch_size=Non
         False if Lanczos stopped at `max_iter` first).
     jacobian: largest spectral norm over x of d softmax(f(x)) / dx, BN in eval mode.
     output_norm (if asked): Frobenius norm of the (N, K) logits, eval mode.
+    step_lr (the learning rate, if given): also `step_curvature` along the top eigenvector.
     Pure: parameters, buffers, `.grad` and training flags are left as they were.
     With a torch.distributed `process_group`, each rank measures its share of the ghost batches
     and of x (`distributed.share`), and all return the values for the whole of (x, y).
 
     Returns:
-        dict of floats.
+        dict of floats; with `step_lr`, (that dict, pending) where pending is what
+        `realised_curvature` needs after the training step.
     """
-    batches = [(x[s], y[s]) for s in index_chunks(len(x), ghost_batch_size)]
+    batches = measurement_batches(x, y, ghost_batch_size, process_group)
     x_mine = x
     if process_group is not None:
-        start, stop = share(len(batches), process_group)
-        batches = batches[start:stop]
         start, stop = share(len(x), process_group)
         x_mine = x[start:stop]
     with recorded_convergence():
@@ -83,7 +87,135 @@ def progressive_sharpening_metrics(model, loss_fn, x, y, *, ghost_batch_size=Non
            "jacobian": jacobian_norm(model, x_mine, softmax=True, process_group=process_group)}
     if with_output_norm:
         row["output_norm"] = output_norm(model, x, ghost_batch_size)
-    return row
+    if step_lr is None:
+        return row
+    curvature, pending = step_curvature(model, loss_fn, x, y, info.eigenvectors[:, 0], step_lr,
+                                        ghost_batch_size=ghost_batch_size,
+                                        process_group=process_group)
+    return {**row, **curvature}, pending
+
+
+def measurement_batches(x, y, ghost_batch_size=None, process_group=None):
+    """This rank's ghost batches [(x_b, y_b)] of (x, y) (`distributed.share`; all without a
+    group), as the sharpness measurement splits them."""
+    batches = [(x[s], y[s]) for s in index_chunks(len(x), ghost_batch_size)]
+    if process_group is not None:
+        start, stop = share(len(batches), process_group)
+        batches = batches[start:stop]
+    return batches
+
+
+def _flat_parameters(model):
+    """The trainable parameters as one flat (P,) copy, in `model.parameters()` order (the
+    order of the estimators' eigenvectors)."""
+    params = _trainable_parameters(model)
+    return _flatten([p.detach() for p in params], params).clone()
+
+
+def _subset_loss(model, loss_fn, batches, total, theta, *, gradient, dtype, process_group):
+    """(L(theta), grad L(theta) or None) of the mean loss over the measurement ghost batches,
+    L = sum_b (n_b / total) loss_fn(f(x_b; theta), y_b), at flat trainable parameters theta (P,),
+    computed in `dtype` (parameters, buffers and inputs cast; torch.func.functional_call, so the
+    model is not written), BN in train mode with each ghost batch's own statistics (running
+    statistics untouched), TF32 off; summed over the ranks of `process_group`."""
+    params = _trainable_parameters(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    theta = theta.detach().to(dtype).requires_grad_(gradient)
+    values = {n: (b.to(dtype) if b.is_floating_point() else b) for n, b in model.named_buffers()}
+    values.update({n: p.detach().to(dtype) for n, p in model.named_parameters()})
+    loss = torch.zeros((), dtype=dtype, device=theta.device)
+    grad = torch.zeros_like(theta.detach())  # (P,)
+    with MeasureMode(model, "train"), no_tf32(), torch.set_grad_enabled(gradient):
+        pieces = _unflatten(theta, params)
+        values.update({names[id(p)]: t for p, t in zip(params, pieces)})
+        for xb, yb in batches:
+            out = torch.func.functional_call(model, values, (xb.to(dtype),))
+            term = (len(xb) / total) * loss_fn(out, yb)
+            if gradient:  # per ghost batch: one batch's graph in memory at a time
+                grad += torch.autograd.grad(term, theta)[0]
+            loss += term.detach()
+    if process_group is not None:
+        both = torch.cat([grad, loss.reshape(1)])  # (P + 1,)
+        torch.distributed.all_reduce(both, group=process_group)
+        grad, loss = both[:-1], both[-1]
+    return loss.item(), (grad if gradient else None)
+
+
+def step_curvature(model, loss_fn, x, y, eigenvector, lr, *, ghost_batch_size=None,
+                   dtype=torch.float64, process_group=None):
+    """The curvature a gradient step of size `lr` feels along the unit top Hessian eigenvector v
+    (from `sharpness(..., return_info=True).eigenvectors[:, 0]`), on the same function as the
+    sharpness: L = mean loss over (x, y) in ghost batches of `ghost_batch_size`, BN in train mode
+    with each ghost batch's own statistics.
+
+    grad_along_top: g.v, g = grad L(theta).
+    secant_curvature: (L(theta + h v) - 2 L(theta) + L(theta - h v)) / h^2 at the step's scale
+        h = lr |g.v| (`secant_step`; lr ||g|| if g.v = 0; None if g = 0). Equal to v^T H v for a
+        quadratic L; on a ReLU net it averages the curvature over the step, where the sharpness
+        is the curvature at theta alone.
+    Computed in `dtype` (float64 by default: a float32 second difference has a rounding floor of
+    about 4 eps L / h^2, eps = 6e-8, which at h = 1e-4 is 20 for L = 1; in float64 it is 4e-8).
+    Pure: parameters, buffers, `.grad` and training flags are left as they were. With a
+    torch.distributed `process_group` each rank takes its share of the ghost batches and the
+    losses and gradients are summed over the ranks.
+
+    Returns:
+        (row, pending): row of floats as above (None where undefined); pending
+        {"parameters": theta (P,), "eigenvector": v (P,), "grad_along_top": g.v} for
+        `realised_curvature` after the training step (tensors; a checkpoint may hold it).
+    """
+    batches = measurement_batches(x, y, ghost_batch_size, process_group)
+    theta = _flat_parameters(model)  # (P,)
+    v = eigenvector.detach().reshape(-1).to(theta.device, dtype)
+    v = v / torch.linalg.vector_norm(v)
+    opts = dict(dtype=dtype, process_group=process_group)
+    loss, grad = _subset_loss(model, loss_fn, batches, len(x), theta, gradient=True, **opts)
+    along = (grad @ v).item()
+    h = lr * (abs(along) or torch.linalg.vector_norm(grad).item())
+    secant = None
+    if h > 0:
+        plus, _ = _subset_loss(model, loss_fn, batches, len(x), theta.to(dtype) + h * v,
+                               gradient=False, **opts)
+        minus, _ = _subset_loss(model, loss_fn, batches, len(x), theta.to(dtype) - h * v,
+                                gradient=False, **opts)
+        secant = (plus - 2 * loss + minus) / h ** 2
+    row = {"grad_along_top": along, "secant_curvature": secant, "secant_step": h}
+    return row, {"parameters": theta, "eigenvector": v, "grad_along_top": along}
+
+
+def realised_curvature(model, loss_fn, x, y, pending, *, ghost_batch_size=None,
+                       dtype=torch.float64, process_group=None):
+    """The curvature along v that the training step from theta_t (`pending`, from
+    `step_curvature` at theta_t) to the model's parameters theta_{t+1} realised:
+
+        realised_curvature = (g_{t+1} - g_t).v / (dtheta.v),   dtheta = theta_{t+1} - theta_t
+
+    with g the gradient of the same measurement-subset loss as `step_curvature` (BN train mode,
+    ghost batches, `dtype`). For a quadratic L it is v^T H v for every step (v an eigenvector).
+    With an approximate eigenvector (H v = lambda v + r) a quadratic gives lambda +
+    dtheta.r / dtheta.v: the error grows as the step's fraction along v, dtheta.v / ||dtheta||
+    (`step_fraction_along_top`), shrinks. step_along_top = dtheta.v; realised_curvature is None
+    where dtheta.v = 0 or |dtheta.v| <= 1e-12 ||dtheta|| (no component along v to divide by).
+    Pure, distributed: as `step_curvature`.
+
+    Returns:
+        {"realised_curvature", "step_along_top", "step_fraction_along_top",
+        "next_grad_along_top": g_{t+1}.v}: floats or None.
+    """
+    batches = measurement_batches(x, y, ghost_batch_size, process_group)
+    theta = _flat_parameters(model)  # (P,)
+    v = pending["eigenvector"].to(theta.device, dtype)
+    step = theta.to(dtype) - pending["parameters"].to(theta.device, dtype)  # exact for float32
+    along_step = (step @ v).item()
+    _, grad = _subset_loss(model, loss_fn, batches, len(x), theta, gradient=True, dtype=dtype,
+                           process_group=process_group)
+    along = (grad @ v).item()
+    length = torch.linalg.vector_norm(step).item()
+    defined = along_step != 0 and abs(along_step) > 1e-12 * length
+    realised = (along - pending["grad_along_top"]) / along_step if defined else None
+    return {"realised_curvature": realised, "step_along_top": along_step,
+            "step_fraction_along_top": along_step / length if length > 0 else None,
+            "next_grad_along_top": along}
 
 
 # --- regularisers: augmentation, mixup, SAM (train_regularisers.py, batch_lr.py) ---------------

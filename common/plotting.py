@@ -1,5 +1,6 @@
-"""Plotting: mean +- std bands over trials from saved runs, sweep panels, figure saving (PNG and
-PDF, atomically). matplotlib's object API (Figure, no pyplot): no global backend is set."""
+"""Plotting: mean +- std bands over trials from saved runs, sweep panels, the step-scale
+curvatures beside a sharpness panel, figure saving (PNG and PDF, atomically). matplotlib's
+object API (Figure, no pyplot): no global backend is set."""
 import math
 import warnings
 from pathlib import Path
@@ -209,3 +210,37 @@ def plot_sweep(ax, runs, x_key, style_key, metric, *, style_label=None, log_x=Fa
     if log_y:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
+
+
+# The step-scale curvatures drawn beside the sharpness (common.step_curvature and
+# realised_curvature): markers in each setting's colour, so the line styles stay the settings'.
+STEP_CURVATURES = {"realised_curvature": ("x", "realised by the step: (g'-g).v / dθ.v"),
+                   "secant_curvature": ("^", "secant at the step's length h")}
+
+
+def plot_step_curvatures(ax, runs, style_key, two_over_lr=None):
+    """On a sharpness panel: the mean over trials of each step-scale curvature as markers in the
+    colour of its config[style_key] value (runs without them are skipped), 2/lr as a grey
+    horizontal line if given, and a small legend of these below the panel (the settings are in
+    the figure's first legend), so no legend covers the curves."""
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], color="black", linestyle="-", label="sharpness (line)")]
+    for i, value in enumerate(sorted({r["config"][style_key] for r in runs})):
+        mine = [r for r in runs if r["config"][style_key] == value]
+        for metric, (marker, _) in STEP_CURVATURES.items():
+            series = [metric_series(r, metric) for r in mine]
+            steps, mean, _, _ = mean_std([s for s in series if len(s[0])])
+            if np.isfinite(mean).any():
+                ax.plot(steps, mean, marker, color=f"C{i}", markersize=4, mfc="none",
+                        linewidth=0)
+    shown = {m for r in runs for row in r["metrics"] for m in STEP_CURVATURES if m in row}
+    handles += [Line2D([], [], color="black", marker=marker, mfc="none", linewidth=0,
+                       label=label) for m, (marker, label) in STEP_CURVATURES.items() if m in shown]
+    marks = {h.get_label(): h for h in ax.get_lines()
+             if h.get_label() in (UNCONVERGED_LABEL, TRIAL_END_LABEL)}
+    handles += list(marks.values())
+    if two_over_lr is not None:
+        handles.append(ax.axhline(two_over_lr, color="grey", linewidth=0.8, linestyle=":",
+                                  label="2 / lr"))
+    ax.legend(handles=handles, fontsize="x-small", loc="upper center",
+              bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
