@@ -1,6 +1,8 @@
 """fullbatch.py end to end on synthetic data: smoke run, the unsmoothed run's iteration count
 reused by the smoothed ones, resume of a killed run, bad arguments, --plot-only. The
 measurements themselves are tested against dense references in test_measurements.py."""
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,14 @@ def test_smoke_run_reuses_the_unsmoothed_iteration_count_and_plots(tmp_path):
         # loss is cross entropy minus label entropy, so it is a KL divergence: >= 0
         assert all(m["loss"] >= -1e-6 for m in run["metrics"])
         assert all(m["jacobian"] > 0 for m in run["metrics"] if "jacobian" in m)
+        # the step-scale curvature along the top eigenvector: at every measurement, and the
+        # curvature the update realised wherever an update followed (not at the last step)
+        for m in run["metrics"]:
+            if "sharpness" in m:
+                assert m["secant_curvature"] is not None and m["secant_step"] > 0
+                assert ("realised_curvature" in m) == (m["step"] < n)
+                if m["step"] < n:
+                    assert m["step_along_top"] != 0 and math.isfinite(m["realised_curvature"])
     assert 0 < n < 8 and (out / "plots" / "fig09_resnet18_lr0.08.png").stat().st_size > 0
     # a rerun redoes nothing
     stamp = (out / first["dir"].name / "result.json").stat().st_mtime_ns
@@ -120,6 +130,16 @@ def test_plot_only_redraws_from_saved_results(tmp_path, cli):
     png.unlink()
     saved = {p: p.stat().st_mtime_ns for p in out.glob("*/*.json")
              if p.parent.name != "plots"}  # the runs; plots/runs.json is redrawn
+    run_main(TINY + ["--out", str(out), "--smoothings", "0", "--plot-only"])
+    assert png.stat().st_size > 0
+    # runs saved without the step-scale curvatures still plot
+    for path in out.glob("*/metrics.json"):
+        rows = json.loads(path.read_text())
+        assert any("realised_curvature" in m for m in rows)
+        path.write_text(json.dumps([{k: v for k, v in m.items()
+                                     if "curvature" not in k and "along_top" not in k}
+                                    for m in rows]))
+    png.unlink()
     run_main(TINY + ["--out", str(out), "--smoothings", "0", "--plot-only"])
     assert png.stat().st_size > 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.json")

@@ -204,3 +204,90 @@ def test_evaluate_soft_targets_give_no_accuracy():
     with torch.no_grad():
         expected = -(q * torch.log_softmax(model(x), 1)).sum(1).mean().item()
     assert loss == pytest.approx(expected, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- step-scale curvature
+
+
+def linear_regression(seed=0):
+    """A linear model with MSE: the loss is quadratic in the parameters, H constant."""
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 3).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(14, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(14, 3, generator=g, dtype=torch.float64)
+    return model, x, y
+
+
+@pytest.mark.parametrize("which", [0, 3])  # the top eigenvector and a lower one
+def test_step_curvature_is_the_eigenvalue_of_a_quadratic_loss(which):
+    model, x, y = linear_regression()
+    hessian = dense_hessian(model, F.mse_loss, [(x[:8], y[:8]), (x[8:], y[8:])])  # (P, P)
+    values, vectors = torch.linalg.eigh(hessian)
+    lam, v = values[-1 - which].item(), vectors[:, -1 - which]
+    row, pending = common.step_curvature(model, F.mse_loss, x, y, v, 0.3, ghost_batch_size=8)
+    assert row["secant_curvature"] == pytest.approx(lam, rel=1e-8)
+    assert row["secant_step"] == pytest.approx(0.3 * abs(row["grad_along_top"]), rel=1e-12)
+    # any step: a gradient step on other data, so dtheta is not along v
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    F.mse_loss(model(x + 1.0), y.flip(0)).backward()
+    optimizer.step()
+    after = common.realised_curvature(model, F.mse_loss, x, y, pending, ghost_batch_size=8)
+    assert after["realised_curvature"] == pytest.approx(lam, rel=1e-8)
+    assert abs(after["step_fraction_along_top"]) < 1
+    change = after["next_grad_along_top"] - row["grad_along_top"]
+    assert change == pytest.approx(lam * after["step_along_top"], rel=1e-8)
+
+
+def test_realised_curvature_is_none_without_a_step_along_the_eigenvector():
+    model, x, y = linear_regression(seed=1)
+    v = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    v[0] = 1.0  # weight[0, 0]
+    _, pending = common.step_curvature(model, F.mse_loss, x, y, v, 0.1)
+    with torch.no_grad():
+        model.bias.add_(0.5)  # a step orthogonal to v
+    after = common.realised_curvature(model, F.mse_loss, x, y, pending)
+    assert after["realised_curvature"] is None and after["step_along_top"] == 0.0
+
+
+def test_step_curvature_is_pure_and_matches_the_sharpness_function_in_float32():
+    """BN MLP (train mode, ghost batches): state, .grad and flags unchanged; g.v is the dense
+    gradient's component; the float32 model measured in float64 gives the float64 model's values."""
+    model = bn_mlp(seed=3).train()
+    x, y = class_batches([12], SHAPE, seed=6)[0]
+    SMOOTH(model(x), y).backward()
+    before = state_of(model)
+    grads = [p.grad.clone() for p in model.parameters()]
+    hessian = dense_hessian(model, SMOOTH, [(x[:5], y[:5]), (x[5:10], y[5:10]), (x[10:], y[10:])])
+    v = torch.linalg.eigh(hessian)[1][:, -1]
+    row, pending = common.step_curvature(model, SMOOTH, x, y, v, 0.5, ghost_batch_size=5)
+    after = common.realised_curvature(model, SMOOTH, x, y, pending, ghost_batch_size=5)
+    assert_same_state(model, before)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert after["step_along_top"] == 0.0 and after["realised_curvature"] is None
+    # g.v against a reference gradient of the same ghost-batch loss
+    params = list(model.parameters())
+    with common.MeasureMode(model, "train"):
+        loss = sum(len(xb) / 12 * SMOOTH(model(xb), yb)
+                   for xb, yb in ((x[:5], y[:5]), (x[5:10], y[5:10]), (x[10:], y[10:])))
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params)])
+    assert row["grad_along_top"] == pytest.approx((g @ v).item(), rel=1e-10)
+    assert_same_state(model, before)
+    single = bn_mlp(seed=3).train().float()
+    single.load_state_dict({k: t.float() if t.is_floating_point() else t
+                            for k, t in model.state_dict().items()})
+    row32, _ = common.step_curvature(single, SMOOTH, x.float(), y, v.float(), 0.5,
+                                     ghost_batch_size=5)
+    assert row32["secant_curvature"] == pytest.approx(row["secant_curvature"], rel=1e-3)
+
+
+def test_progressive_sharpening_metrics_with_step_lr_add_the_step_curvature():
+    model = bn_mlp(seed=4).train()
+    x, y = class_batches([10], SHAPE, seed=7)[0]
+    row, pending = common.progressive_sharpening_metrics(model, SMOOTH, x, y, ghost_batch_size=5,
+                                                         tol=1e-8, step_lr=0.2)
+    assert {"sharpness", "grad_along_top", "secant_curvature", "secant_step"} <= row.keys()
+    assert set(pending) == {"parameters", "eigenvector", "grad_along_top"}
+    hessian = dense_hessian(model, SMOOTH, [(x[:5], y[:5]), (x[5:], y[5:])])
+    top = torch.linalg.eigh(hessian)[1][:, -1]
+    assert abs(pending["eigenvector"] @ top) == pytest.approx(1.0, abs=1e-6)

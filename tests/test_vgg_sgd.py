@@ -35,6 +35,9 @@ def test_smoke_run_measures_on_schedule_and_plots_both_figures(tmp_path):
         for m in run["metrics"]:
             assert m["loss"] >= -1e-6 and m["jacobian"] > 0 and m["output_norm"] > 0
             assert m["sharpness"] > 0 and m["epoch"] == m["step"] / 4
+            assert m["secant_curvature"] is not None and m["secant_step"] > 0
+            # the curvature the next SGD step realised: every measurement but the last
+            assert ("realised_curvature" in m) == (m["step"] < 12)
         assert all("train_loss" in m for m in run["metrics"][1:])
     for stem in ("fig28_first_epoch", "fig29_all_epochs"):
         assert (out / "plots" / f"{stem}.png").stat().st_size > 0
