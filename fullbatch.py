@@ -208,9 +208,9 @@ def train(config, args, data, device, group=None):
     then, if t is the last iteration (fixed length, or the target accuracy reached) or a
     measurement iteration, sharpness, Jacobian norm and the step-scale curvature along the top
     eigenvector are measured at the same parameters; then the update is applied unless t is the
-    last, and the curvature it realised along that eigenvector is added to t's row. With a torchrun `group` the ranks share
-    the ghost batches and the measurements; rank 0 alone writes, every rank resumes from its
-    checkpoint.
+    last, and the curvature it realised along that eigenvector is added to t's row. With a
+    torchrun `group` the ranks share the ghost batches and the measurements; rank 0 alone
+    writes, every rank resumes from its checkpoint.
     """
     run = common.Run(args.out, config, RUN_KEYS, checkpoint_seconds=args.checkpoint_seconds,
                      writer=common.is_main(group))

@@ -196,12 +196,16 @@ def realised_curvature(model, loss_fn, x, y, pending, *, ghost_batch_size=None,
     dtheta.r / dtheta.v: the error grows as the step's fraction along v, dtheta.v / ||dtheta||
     (`step_fraction_along_top`), shrinks. step_along_top = dtheta.v; realised_curvature is None
     where dtheta.v = 0 or |dtheta.v| <= 1e-12 ||dtheta|| (no component along v to divide by).
-    Pure, distributed: as `step_curvature`.
+    Pure, distributed: as `step_curvature`. Non-finite parameters (a diverged step) give None.
 
     Returns:
         {"realised_curvature", "step_along_top", "step_fraction_along_top",
         "next_grad_along_top": g_{t+1}.v}: floats or None.
     """
+    keys = ("realised_curvature", "step_along_top", "step_fraction_along_top",
+            "next_grad_along_top")
+    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        return dict.fromkeys(keys)  # the step diverged; the training loop says so
     batches = measurement_batches(x, y, ghost_batch_size, process_group)
     theta = _flat_parameters(model)  # (P,)
     v = pending["eigenvector"].to(theta.device, dtype)
@@ -213,9 +217,8 @@ def realised_curvature(model, loss_fn, x, y, pending, *, ghost_batch_size=None,
     length = torch.linalg.vector_norm(step).item()
     defined = along_step != 0 and abs(along_step) > 1e-12 * length
     realised = (along - pending["grad_along_top"]) / along_step if defined else None
-    return {"realised_curvature": realised, "step_along_top": along_step,
-            "step_fraction_along_top": along_step / length if length > 0 else None,
-            "next_grad_along_top": along}
+    return dict(zip(keys, (realised, along_step, along_step / length if length > 0 else None,
+                           along)))
 
 
 # --- regularisers: augmentation, mixup, SAM (train_regularisers.py, batch_lr.py) ---------------

@@ -291,3 +291,13 @@ def test_progressive_sharpening_metrics_with_step_lr_add_the_step_curvature():
     hessian = dense_hessian(model, SMOOTH, [(x[:5], y[:5]), (x[5:], y[5:])])
     top = torch.linalg.eigh(hessian)[1][:, -1]
     assert abs(pending["eigenvector"] @ top) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_realised_curvature_after_a_diverged_step_is_none():
+    model, x, y = linear_regression(seed=2)
+    v = torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    _, pending = common.step_curvature(model, F.mse_loss, x, y, v, 0.1)
+    with torch.no_grad():
+        model.weight[0, 0] = math.inf
+    after = common.realised_curvature(model, F.mse_loss, x, y, pending)
+    assert set(after.values()) == {None} and "realised_curvature" in after
