@@ -294,7 +294,8 @@ def plot(args, runs):
     for stem, shown, span, logs in figures:
         fig, panels = common.plot_runs(shown, list(METRIC_LABELS), "smoothing",
                                        labels=METRIC_LABELS, style_label="smoothing",
-                                       log_metrics=logs, xlabel=f"iteration ({per_epoch} per epoch)",
+                                       log_metrics=logs,
+                                       xlabel=f"iteration ({per_epoch} per epoch)",
                                        title=f"{title}, {span}\n{data}")
         common.plot_step_curvatures(panels["sharpness"], shown, "smoothing")
         paths += common.save_figure(fig, f"{args.out}/plots/{stem}",
