@@ -45,8 +45,8 @@ Choices where the paper is silent (a careful reading, not the authors' code):
   error --eig-tol. Loss, accuracy and output norm of the subset are taken in eval mode.
 - The measurement subset and the initial weights come from the trial's seed (--seed + trial);
   every smoothing of a trial shares them and the order of the batches.
-- No 2/lr line on the sharpness panels (unlike fullbatch.py): it is the stability bound of
-  full-batch GD, not of SGD, and at lr 0.01 it (200) would flatten the curves.
+- 2/lr, the stability bound of full-batch GD (not of SGD), is drawn on the sharpness panels
+  for comparison, or named in the legend where it is far above the curves (Figure 28).
 - Beside the sharpness, the curvature a step feels along the measured top eigenvector v, on the
   same subset and BN mode (common.step_curvature / realised_curvature, float64): the secant
   second difference of the subset loss at h = lr |g.v| (g its gradient), and the curvature the
@@ -297,7 +297,8 @@ def plot(args, runs):
                                        log_metrics=logs,
                                        xlabel=f"iteration ({per_epoch} per epoch)",
                                        title=f"{title}, {span}\n{data}")
-        common.plot_step_curvatures(panels["sharpness"], shown, "smoothing")
+        common.plot_step_curvatures(panels["sharpness"], shown, "smoothing",
+                                    two_over_lr=2 / args.lr)
         paths += common.save_figure(fig, f"{args.out}/plots/{stem}",
                                     settings=[r["config"] for r in runs])
     return paths

@@ -221,8 +221,9 @@ STEP_CURVATURES = {"realised_curvature": ("x", "realised by the step: (g'-g).v /
 def plot_step_curvatures(ax, runs, style_key, two_over_lr=None):
     """On a sharpness panel: the mean over trials of each step-scale curvature as markers in the
     colour of its config[style_key] value (runs without them are skipped), 2/lr as a grey
-    horizontal line if given, and a small legend of these below the panel (the settings are in
-    the figure's first legend), so no legend covers the curves."""
+    horizontal line if given (only named in the legend when it is over 3x the panel's top), and
+    a small legend of these below the panel (the settings are in the figure's first legend), so
+    no legend covers the curves."""
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], color="black", linestyle="-", label="sharpness (line)")]
     for i, value in enumerate(sorted({r["config"][style_key] for r in runs})):
@@ -239,7 +240,11 @@ def plot_step_curvatures(ax, runs, style_key, two_over_lr=None):
     marks = {h.get_label(): h for h in ax.get_lines()
              if h.get_label() in (UNCONVERGED_LABEL, TRIAL_END_LABEL)}
     handles += list(marks.values())
-    if two_over_lr is not None:
+    if two_over_lr is not None and two_over_lr > 3 * ax.get_ylim()[1]:
+        # far above every curve: a line there would flatten them, so the legend gives the value
+        handles.append(Line2D([], [], color="grey", linewidth=0.8, linestyle=":",
+                              label=f"2 / lr = {two_over_lr:g} (above the panel)"))
+    elif two_over_lr is not None:
         handles.append(ax.axhline(two_over_lr, color="grey", linewidth=0.8, linestyle=":",
                                   label="2 / lr"))
     ax.legend(handles=handles, fontsize="x-small", loc="upper center",
