@@ -159,7 +159,7 @@ def test_interrupt_one_line_and_resumable(tmp_path, sig, status):
 
     def checkpointed_step():  # -1 until a checkpoint is on disk (written atomically)
         found = list(tmp_path.rglob("checkpoint.pt"))
-        return torch.load(found[0], weights_only=False)["state"]["step"] if found else -1
+        return torch.load(found[0], weights_only=True)["state"]["step"] if found else -1
 
     deadline = time.monotonic() + 240
     while checkpointed_step() < 1 and time.monotonic() < deadline:
