@@ -100,6 +100,17 @@ def bad_arguments(cli):
     return check
 
 
+class Planted:
+    """Unpickling this creates the file `path`: a stand-in for any code that a pickle planted as
+    a checkpoint could run. `pickle.loads(pickle.dumps(Planted(p))).close()` creates p."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 class Interrupt(Exception):
     """Raised by a test to stop a run at a known point (a kill, deterministically)."""
 

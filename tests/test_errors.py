@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from common.data import synthetic_arrays
-from conftest import REAL_DATA  # REPRO_DATA overrides the folder
+from conftest import REAL_DATA, Planted  # REPRO_DATA overrides the folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("fullbatch", "vgg_sgd", "small_network", "coordinate_network", "batch_lr",
@@ -128,6 +129,24 @@ def test_rerun_skips_damage_is_named_and_restart_moves_it_aside(tmp_path):
     assert restarted.returncode == 0, restarted.stderr
     aside = list(metrics.parent.parent.glob(f"{metrics.parent.name}.damaged-*"))
     assert len(aside) == 1 and (aside[0] / "metrics.json").exists()
+
+
+def test_planted_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
+    assert run("coordinate_network", "--smoke", cwd=tmp_path).returncode == 0
+    result = next((tmp_path / "results").rglob("result.json"))
+    result.unlink()  # unfinished again: a rerun resumes that run from its checkpoint
+    checkpoint, marker = result.with_name("checkpoint.pt"), tmp_path / "code-ran"
+    torch.save({"state": {"phase": "train", "step": 1, "optimizer": Planted(marker)},
+                "metrics": []}, checkpoint)
+    refused = run("coordinate_network", "--smoke", cwd=tmp_path)
+    assert_one_line_error(refused, 2, "damaged results file", "weights_only=True",
+                          str(checkpoint.relative_to(tmp_path)), "--restart")
+    assert not marker.exists()
+    restarted = run("coordinate_network", "--smoke", "--restart", cwd=tmp_path)
+    assert restarted.returncode == 0, restarted.stderr
+    assert not marker.exists()
+    aside = list(checkpoint.parent.parent.glob(f"{checkpoint.parent.name}.damaged-*"))
+    assert len(aside) == 1 and (aside[0] / "checkpoint.pt").exists()  # kept aside, unread
 
 
 def test_other_settings_do_not_overwrite_figures(tmp_path):

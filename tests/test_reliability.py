@@ -4,6 +4,7 @@ naming, unconverged marks, and the install files."""
 import argparse
 import ast
 import json
+import pickle
 import re
 import zipfile
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 import common
 from common import runs as runs_module
 from common.data import DataError, check_data_file, load_arrays, synthetic_arrays
+from conftest import Planted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,6 +130,46 @@ def test_damaged_checkpoint_raises_and_restart_moves_it_aside(tmp_path, monkeypa
     assert fresh.begin() is None and fresh.metrics == []
     aside = [p for p in tmp_path.iterdir() if ".damaged-" in p.name]
     assert len(aside) == 1 and (aside[0] / "checkpoint.pt").exists()  # kept, not deleted
+
+
+@pytest.mark.parametrize("save", ["pickle", "torch.save"])
+def test_planted_checkpoint_is_refused_without_running_it(tmp_path, monkeypatch, save):
+    control, marker = tmp_path / "control", tmp_path / "code-ran"
+    pickle.loads(pickle.dumps(Planted(control))).close()
+    assert control.exists()  # the payload runs when unpickled without restriction
+    monkeypatch.setattr(runs_module, "RESTART_DAMAGED", False)
+    run = common.Run(tmp_path / "out", {"lr": 0.1, "trial": 0}, KEYS)
+    run.begin()
+    path = run.dir / "checkpoint.pt"
+    planted = {"state": {"step": 1, "rng": Planted(marker)}, "metrics": []}
+    if save == "pickle":
+        path.write_bytes(pickle.dumps(planted, protocol=2))
+    else:
+        torch.save(planted, path)
+    with pytest.raises(common.DamagedRun) as e:
+        common.Run(tmp_path / "out", run.config, KEYS).begin()
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message and "--restart" in message
+    assert "weights_only=True" in message and not marker.exists()
+    monkeypatch.setattr(runs_module, "RESTART_DAMAGED", True)
+    assert common.Run(tmp_path / "out", run.config, KEYS).begin() is None  # moved aside, unread
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [
+    b"",  # empty
+    b"PK\x03\x04" + bytes(40),  # a broken zip archive
+    pickle.dumps({}, protocol=2),  # readable, but no state or metrics
+    pickle.dumps({"state": {}, "metrics": 3}, protocol=2),  # metrics not a list of rows
+])
+def test_checkpoint_of_no_use_is_damaged(tmp_path, monkeypatch, content):
+    monkeypatch.setattr(runs_module, "RESTART_DAMAGED", False)
+    run = common.Run(tmp_path, {"lr": 0.1, "trial": 0}, KEYS)
+    run.begin()
+    (run.dir / "checkpoint.pt").write_bytes(content)
+    with pytest.raises(common.DamagedRun, match=re.escape(str(run.dir / "checkpoint.pt"))) as e:
+        common.Run(tmp_path, run.config, KEYS).begin()
+    assert "\n" not in str(e.value)
 
 
 def test_pending_runs_says_already_finished(tmp_path, capsys):
