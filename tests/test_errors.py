@@ -69,15 +69,20 @@ def test_bad_data_file_one_line_exit_2(tmp_path, case, overrides, fragment):
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-def test_offline_download_one_line_exit_2(tmp_path):
+@pytest.mark.parametrize("script, args", [
+    ("fullbatch", ["--dataset", "cifar10"]),
+    ("fullbatch", []),  # --download wins over --smoke's synthetic stand-in
+    ("batch_lr", []),
+])
+def test_offline_download_one_line_exit_2(tmp_path, script, args):
+    argv = [f"{script}.py", "--smoke", *args, "--download", "--data-root", "DATA", "--no-progress"]
     code = (
         "import sys, runpy, urllib.error, torchvision\n"
         "def offline(*a, **k):\n"
         "    raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')\n"
-        "torchvision.datasets.CIFAR10 = offline\n"
-        f"sys.argv = ['fullbatch.py', '--smoke', '--dataset', 'cifar10', '--download', "
-        f"'--data-root', 'DATA', '--no-progress']\n"
-        f"runpy.run_path({str(ROOT / 'fullbatch.py')!r}, run_name='__main__')\n")
+        "torchvision.datasets.CIFAR10 = torchvision.datasets.CIFAR100 = offline\n"
+        f"sys.argv = {argv!r}\n"
+        f"runpy.run_path({str(ROOT / f'{script}.py')!r}, run_name='__main__')\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env(),
                             capture_output=True, text=True, timeout=300)
     assert_one_line_error(result, 2, "could not download cifar10: no network",

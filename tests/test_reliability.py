@@ -3,6 +3,7 @@ file validation, damaged run folders, number flags, run names, --smoke data choi
 naming, unconverged marks, and the install files."""
 import argparse
 import ast
+import importlib
 import json
 import pickle
 import re
@@ -218,6 +219,15 @@ def test_smoke_uses_data_present_else_synthetic(tmp_path, capsys):
     write_npz(tmp_path / "cifar10.npz")
     assert common.smoke_datasets(tmp_path) == ["cifar10"]  # never cifar100 when absent
     assert "using cifar10" in capsys.readouterr().out
+
+
+def test_smoke_with_download_asks_for_cifar10_not_the_stand_in(tmp_path, capsys):
+    assert common.smoke_datasets(tmp_path, download=True) == ["cifar10"]
+    assert "cifar10 will be downloaded" in capsys.readouterr().out
+    for script, name in (("fullbatch", "dataset"), ("batch_lr", "datasets")):
+        module = importlib.import_module(script)
+        args = module.parse_args(["--smoke", "--download", "--data-root", str(tmp_path / "none")])
+        assert getattr(args, name) in ("cifar10", ["cifar10"]), script
 
 
 def test_titles_name_data_and_scale():
