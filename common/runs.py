@@ -216,8 +216,9 @@ class Run:
         if not path.exists():
             return None
         saved = load_checkpoint(path)
-        if not (isinstance(saved, dict) and "state" in saved and isinstance(saved.get("metrics"), list)
-                and all(isinstance(m, dict) and "step" in m for m in saved["metrics"])):
+        rows = saved.get("metrics") if isinstance(saved, dict) else None
+        if not (isinstance(rows, list) and "state" in saved
+                and all(isinstance(m, dict) and "step" in m for m in rows)):
             raise DamagedRun(path, "not a checkpoint of this project")
         self.metrics = saved["metrics"]
         PROGRESS["step"] = self.metrics[-1]["step"] if self.metrics else None

@@ -160,6 +160,7 @@ def test_planted_checkpoint_is_refused_without_running_it(tmp_path, monkeypatch,
 @pytest.mark.parametrize("content", [
     b"",  # empty
     b"PK\x03\x04" + bytes(40),  # a broken zip archive
+    pickle.dumps(3, protocol=2),  # readable, but a number
     pickle.dumps({}, protocol=2),  # readable, but no state or metrics
     pickle.dumps({"state": {}, "metrics": 3}, protocol=2),  # metrics not a list of rows
 ])
