@@ -136,7 +136,8 @@ def parse_with_smoke(parser, argv, smoke):
     explicitly still win (`--smoke --trials 1`).
 
     A `dataset` / `datasets` smoke setting of "present" means: the real data sets found under
-    --data-root (cifar10 first), else the synthetic stand-in of CIFAR-10, said on the terminal.
+    --data-root (cifar10 first), else the synthetic stand-in of CIFAR-10 (or, with --download,
+    CIFAR-10 downloaded), said on the terminal.
     """
     args = parser.parse_args(argv)
     if args.smoke:
@@ -144,18 +145,22 @@ def parse_with_smoke(parser, argv, smoke):
         args = parser.parse_args(argv)
         for name in ("dataset", "datasets"):
             if getattr(args, name, None) in ("present", ["present"]):
-                present = smoke_datasets(args.data_root)
+                present = smoke_datasets(args.data_root, args.download)
                 setattr(args, name, present[0] if name == "dataset" else present)
     return args
 
 
-def smoke_datasets(root):
-    """The real data sets present under `root` (those of REAL_DATASETS), or the synthetic
-    stand-in of CIFAR-10 if there are none; says which on the terminal."""
+def smoke_datasets(root, download=False):
+    """The real data sets present under `root` (those of REAL_DATASETS); if there are none,
+    CIFAR-10 to be downloaded when `download` (an explicit --download wins over --smoke's
+    stand-in), else the synthetic stand-in of CIFAR-10. Says which on the terminal."""
     present = [d for d in REAL_DATASETS if dataset_path(d, root).exists()]
     if present:
         print(f"--smoke: using {', '.join(present)} from {root}")
         return present
+    if download:
+        print(f"--smoke --download: no cifar10.npz in {root}: cifar10 will be downloaded")
+        return ["cifar10"]
     print(f"--smoke: no cifar10.npz in {root}: using synthetic-cifar10, a synthetic stand-in "
           f"for CIFAR-10 (not real data)")
     return ["synthetic-cifar10"]

@@ -5,8 +5,10 @@ import json
 import math
 import os
 import pickle
+import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +110,27 @@ def _read(path, load):
         raise DamagedRun(path, f"{type(e).__name__}: {reason}"[:200]) from None
 
 
+def load_checkpoint(path):
+    """A checkpoint file's contents, read with torch.load(weights_only=True): tensors and plain
+    data (numbers, strings, None, lists, tuples, dicts, OrderedDicts) only, on the CPU.
+
+    A pickle can run any code while it loads, so a file holding anything else, such as one
+    planted in a results folder, is refused as DamagedRun and nothing in it is run.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. about the pickle protocol: errors stay one line
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        held = f"it holds {found.group(1)}, " if found else ""
+        raise DamagedRun(path, f"refused by torch.load(weights_only=True): {held}not only "
+                               f"tensors and plain data") from None
+    except Exception as e:  # weights_only ran nothing from the file: any failure is a bad file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DamagedRun(path, f"{type(e).__name__}: {reason}"[:200]) from None
+
+
 def move_aside(run_dir):
     """Renames a damaged run folder to `<name>.damaged-<time>` (never deletes); returns the new
     path."""
@@ -192,8 +215,10 @@ class Run:
         path = self.dir / "checkpoint.pt"
         if not path.exists():
             return None
-        saved = _read(path, lambda p: torch.load(p, map_location="cpu", weights_only=False))
-        if not (isinstance(saved, dict) and "metrics" in saved and "state" in saved):
+        saved = load_checkpoint(path)
+        rows = saved.get("metrics") if isinstance(saved, dict) else None
+        if not (isinstance(rows, list) and "state" in saved
+                and all(isinstance(m, dict) and "step" in m for m in rows)):
             raise DamagedRun(path, "not a checkpoint of this project")
         self.metrics = saved["metrics"]
         PROGRESS["step"] = self.metrics[-1]["step"] if self.metrics else None
@@ -244,7 +269,8 @@ class Run:
 
 def training_state(next_step, model, optimizer=None, **extra):
     """What a checkpoint needs to continue a run exactly: the next step, model and optimizer
-    state dicts, torch's RNG state, and any extra picklable items."""
+    state dicts, torch's RNG state, and any extra items: tensors and plain data only (numbers,
+    strings, None, lists, tuples, dicts), as checkpoints are read with weights_only=True."""
     return {"step": next_step, "model": model.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "rng": torch.get_rng_state(), **extra}

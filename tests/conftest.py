@@ -6,6 +6,7 @@ Tiers: `python3 -m pytest -q` runs everything (CI, the README's command);
 main or trains) and takes well under 30 s on 2 cores.
 """
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -41,8 +42,8 @@ class Exit:
 class CLI:
     """Runs a script's command line in-process (`main` or `parse`) or as a subprocess."""
 
-    def __init__(self, capsys):
-        self.capsys = capsys
+    def __init__(self, capsys, python_dir):
+        self.capsys, self.python_dir = capsys, python_dir
 
     def _captured(self, call):
         self.capsys.readouterr()  # drop anything printed before
@@ -63,22 +64,35 @@ class CLI:
         return self._captured(lambda: module.main(module.parse_args(argv)))
 
     def run(self, command, env=None, unset=(), timeout=300):
-        """Any command in the repository root, one OMP thread; env adds to os.environ, unset
-        removes names from it."""
+        """Any command in the repository root, one OMP thread, `python` the interpreter running
+        the tests; env adds to os.environ, unset removes names from it."""
         env = {k: v for k, v in {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}.items()
                if k not in unset}
+        env["PATH"] = os.pathsep.join([str(self.python_dir), env.get("PATH", os.defpath)])
         done = subprocess.run([str(c) for c in command], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=timeout)
         return Exit(done.returncode, done.stdout, done.stderr)
 
     def subprocess(self, script, argv, **kwargs):
-        """python3 <script> argv in the repository root, one OMP thread."""
+        """<this interpreter> <script> argv in the repository root, one OMP thread."""
         return self.run([sys.executable, script, *argv], **kwargs)
 
 
+@pytest.fixture(scope="session")
+def python_dir(tmp_path_factory):
+    """A folder whose `python` runs the interpreter running the tests: first on PATH, it keeps
+    commands that call `python` (the Slurm templates) off any other python, e.g. one without
+    torch when the tests run outside an activated virtual environment."""
+    folder = tmp_path_factory.mktemp("python")
+    shim = folder / "python"
+    shim.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    shim.chmod(0o755)
+    return folder
+
+
 @pytest.fixture
-def cli(capsys):
-    return CLI(capsys)
+def cli(capsys, python_dir):
+    return CLI(capsys, python_dir)
 
 
 def assert_one_line_error(result, message):
@@ -98,6 +112,17 @@ def bad_arguments(cli):
         assert not Path(out).exists(), f"{out} was created by a rejected command line"
         return result
     return check
+
+
+class Planted:
+    """Unpickling this creates the file `path`: a stand-in for any code that a pickle planted as
+    a checkpoint could run. `pickle.loads(pickle.dumps(Planted(p))).close()` creates p."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 class Interrupt(Exception):

@@ -141,7 +141,7 @@ def _rel(a, b):
 def ranks(tmp_path_factory):
     path = tmp_path_factory.mktemp("dist")
     mp.spawn(_worker, args=(_free_port(), str(path)), nprocs=2, join=True)
-    return [torch.load(path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return [torch.load(path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
 def test_estimators_match_one_process(ranks):

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from common.data import synthetic_arrays
-from conftest import REAL_DATA  # REPRO_DATA overrides the folder
+from conftest import REAL_DATA, Planted  # REPRO_DATA overrides the folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("fullbatch", "vgg_sgd", "small_network", "coordinate_network", "batch_lr",
@@ -68,15 +69,20 @@ def test_bad_data_file_one_line_exit_2(tmp_path, case, overrides, fragment):
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-def test_offline_download_one_line_exit_2(tmp_path):
+@pytest.mark.parametrize("script, args", [
+    ("fullbatch", ["--dataset", "cifar10"]),
+    ("fullbatch", []),  # --download wins over --smoke's synthetic stand-in
+    ("batch_lr", []),
+])
+def test_offline_download_one_line_exit_2(tmp_path, script, args):
+    argv = [f"{script}.py", "--smoke", *args, "--download", "--data-root", "DATA", "--no-progress"]
     code = (
         "import sys, runpy, urllib.error, torchvision\n"
         "def offline(*a, **k):\n"
         "    raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')\n"
-        "torchvision.datasets.CIFAR10 = offline\n"
-        f"sys.argv = ['fullbatch.py', '--smoke', '--dataset', 'cifar10', '--download', "
-        f"'--data-root', 'DATA', '--no-progress']\n"
-        f"runpy.run_path({str(ROOT / 'fullbatch.py')!r}, run_name='__main__')\n")
+        "torchvision.datasets.CIFAR10 = torchvision.datasets.CIFAR100 = offline\n"
+        f"sys.argv = {argv!r}\n"
+        f"runpy.run_path({str(ROOT / f'{script}.py')!r}, run_name='__main__')\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env(),
                             capture_output=True, text=True, timeout=300)
     assert_one_line_error(result, 2, "could not download cifar10: no network",
@@ -130,6 +136,24 @@ def test_rerun_skips_damage_is_named_and_restart_moves_it_aside(tmp_path):
     assert len(aside) == 1 and (aside[0] / "metrics.json").exists()
 
 
+def test_planted_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
+    assert run("coordinate_network", "--smoke", cwd=tmp_path).returncode == 0
+    result = next((tmp_path / "results").rglob("result.json"))
+    result.unlink()  # unfinished again: a rerun resumes that run from its checkpoint
+    checkpoint, marker = result.with_name("checkpoint.pt"), tmp_path / "code-ran"
+    torch.save({"state": {"phase": "train", "step": 1, "optimizer": Planted(marker)},
+                "metrics": []}, checkpoint)
+    refused = run("coordinate_network", "--smoke", cwd=tmp_path)
+    assert_one_line_error(refused, 2, "damaged results file", "weights_only=True",
+                          str(checkpoint.relative_to(tmp_path)), "--restart")
+    assert not marker.exists()
+    restarted = run("coordinate_network", "--smoke", "--restart", cwd=tmp_path)
+    assert restarted.returncode == 0, restarted.stderr
+    assert not marker.exists()
+    aside = list(checkpoint.parent.parent.glob(f"{checkpoint.parent.name}.damaged-*"))
+    assert len(aside) == 1 and (aside[0] / "checkpoint.pt").exists()  # kept aside, unread
+
+
 def test_other_settings_do_not_overwrite_figures(tmp_path):
     assert run("coordinate_network", "--smoke", cwd=tmp_path).returncode == 0
     figure = tmp_path / "results" / "coordinate_network_smoke" / "plots" / "fig32_fits.png"
@@ -159,7 +183,7 @@ def test_interrupt_one_line_and_resumable(tmp_path, sig, status):
 
     def checkpointed_step():  # -1 until a checkpoint is on disk (written atomically)
         found = list(tmp_path.rglob("checkpoint.pt"))
-        return torch.load(found[0], weights_only=False)["state"]["step"] if found else -1
+        return torch.load(found[0], weights_only=True)["state"]["step"] if found else -1
 
     deadline = time.monotonic() + 240
     while checkpointed_step() < 1 and time.monotonic() < deadline:

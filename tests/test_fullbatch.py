@@ -95,7 +95,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
         run_main(argv + ["--out", str(killed)])
     (run_dir,) = killed.iterdir()
     assert not (run_dir / "result.json").exists() and (run_dir / "checkpoint.pt").exists()
-    partial = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    partial = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert partial["state"]["step"] == 4
     run_main(argv + ["--out", str(killed)])
     assert len(calls) == 6 + 3  # the resumed run computed iterations 4, 5 and 6 only

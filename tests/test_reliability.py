@@ -3,7 +3,9 @@ file validation, damaged run folders, number flags, run names, --smoke data choi
 naming, unconverged marks, and the install files."""
 import argparse
 import ast
+import importlib
 import json
+import pickle
 import re
 import zipfile
 from pathlib import Path
@@ -15,6 +17,7 @@ import torch
 import common
 from common import runs as runs_module
 from common.data import DataError, check_data_file, load_arrays, synthetic_arrays
+from conftest import Planted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,6 +133,47 @@ def test_damaged_checkpoint_raises_and_restart_moves_it_aside(tmp_path, monkeypa
     assert len(aside) == 1 and (aside[0] / "checkpoint.pt").exists()  # kept, not deleted
 
 
+@pytest.mark.parametrize("save", ["pickle", "torch.save"])
+def test_planted_checkpoint_is_refused_without_running_it(tmp_path, monkeypatch, save):
+    control, marker = tmp_path / "control", tmp_path / "code-ran"
+    pickle.loads(pickle.dumps(Planted(control))).close()
+    assert control.exists()  # the payload runs when unpickled without restriction
+    monkeypatch.setattr(runs_module, "RESTART_DAMAGED", False)
+    run = common.Run(tmp_path / "out", {"lr": 0.1, "trial": 0}, KEYS)
+    run.begin()
+    path = run.dir / "checkpoint.pt"
+    planted = {"state": {"step": 1, "rng": Planted(marker)}, "metrics": []}
+    if save == "pickle":
+        path.write_bytes(pickle.dumps(planted, protocol=2))
+    else:
+        torch.save(planted, path)
+    with pytest.raises(common.DamagedRun) as e:
+        common.Run(tmp_path / "out", run.config, KEYS).begin()
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message and "--restart" in message
+    assert "weights_only=True" in message and not marker.exists()
+    monkeypatch.setattr(runs_module, "RESTART_DAMAGED", True)
+    assert common.Run(tmp_path / "out", run.config, KEYS).begin() is None  # moved aside, unread
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [
+    b"",  # empty
+    b"PK\x03\x04" + bytes(40),  # a broken zip archive
+    pickle.dumps(3, protocol=2),  # readable, but a number
+    pickle.dumps({}, protocol=2),  # readable, but no state or metrics
+    pickle.dumps({"state": {}, "metrics": 3}, protocol=2),  # metrics not a list of rows
+])
+def test_checkpoint_of_no_use_is_damaged(tmp_path, monkeypatch, content):
+    monkeypatch.setattr(runs_module, "RESTART_DAMAGED", False)
+    run = common.Run(tmp_path, {"lr": 0.1, "trial": 0}, KEYS)
+    run.begin()
+    (run.dir / "checkpoint.pt").write_bytes(content)
+    with pytest.raises(common.DamagedRun, match=re.escape(str(run.dir / "checkpoint.pt"))) as e:
+        common.Run(tmp_path, run.config, KEYS).begin()
+    assert "\n" not in str(e.value)
+
+
 def test_pending_runs_says_already_finished(tmp_path, capsys):
     run = finished_run(tmp_path)
     assert common.pending_runs(tmp_path, [run.config, {"lr": 0.2, "trial": 0}], KEYS) == [
@@ -176,6 +220,15 @@ def test_smoke_uses_data_present_else_synthetic(tmp_path, capsys):
     write_npz(tmp_path / "cifar10.npz")
     assert common.smoke_datasets(tmp_path) == ["cifar10"]  # never cifar100 when absent
     assert "using cifar10" in capsys.readouterr().out
+
+
+def test_smoke_with_download_asks_for_cifar10_not_the_stand_in(tmp_path, capsys):
+    assert common.smoke_datasets(tmp_path, download=True) == ["cifar10"]
+    assert "cifar10 will be downloaded" in capsys.readouterr().out
+    for script, name in (("fullbatch", "dataset"), ("batch_lr", "datasets")):
+        module = importlib.import_module(script)
+        args = module.parse_args(["--smoke", "--download", "--data-root", str(tmp_path / "none")])
+        assert getattr(args, name) in ("cifar10", ["cifar10"]), script
 
 
 def test_titles_name_data_and_scale():

@@ -56,7 +56,7 @@ def test_killed_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
     assert len(calls) == 4
     (run_dir,) = killed.iterdir()
     assert not (run_dir / "result.json").exists()
-    partial = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    partial = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert partial["state"]["step"] == 2
     run_main(argv + ["--out", str(killed)])
     assert len(calls) == 4 + 16 - 2  # the resumed run took steps 2..15 only
