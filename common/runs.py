@@ -227,12 +227,13 @@ class Run:
     def _write_meta(self, device, record):
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = {"config": self.config, "seed": self.config.get("seed"), "torch": torch.__version__,
-                "device": str(device), "python": sys.version.split()[0], "argv": sys.argv,
-                **record, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "device": str(device), "threads": torch.get_num_threads(),
+                "python": sys.version.split()[0], "argv": sys.argv, **record, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         if (self.dir / "config.json").exists():  # resuming: keep the first record, note the restart
             old = _read(self.dir / "config.json", load_json)
             meta = {**old, "resumed": old.get("resumed", []) + [
-                {"device": str(device), "torch": torch.__version__, **record,
+                {"device": str(device), "torch": torch.__version__,
+                 "threads": torch.get_num_threads(), **record,
                  "at": meta["started"]}]}
         save_json(self.dir / "config.json", meta)
 
@@ -310,9 +311,9 @@ def load_saved(out, configs, keys):
 
 
 def save_runs_summary(runs, path):
-    """Writes loaded runs (name, config, result, metrics, seed, torch, device) as one JSON file
-    beside the figures, so the numbers behind a committed figure are committed with it."""
-    keep = ("seed", "torch", "device", "world_size")
+    """Writes loaded runs (name, config, result, metrics, seed, torch, device, CPU threads) as one
+    JSON file beside the figures, so the numbers behind a committed figure are committed with it."""
+    keep = ("seed", "torch", "device", "threads", "world_size")
     save_json(path, [{"name": Path(r["dir"]).name, "config": r["config"], "result": r["result"],
                       "metrics": r["metrics"], **{k: r["meta"].get(k) for k in keep}}
                      for r in runs])

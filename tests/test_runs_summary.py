@@ -2,6 +2,8 @@
 import json
 import math
 
+import torch
+
 import common
 
 
@@ -19,4 +21,5 @@ def test_summary_holds_each_runs_config_result_metrics_and_provenance(tmp_path):
     assert [r["result"]["final_loss"] for r in saved] == [1.0, 2.0]
     assert saved[1]["metrics"] == [{"step": 0, "loss": 1.5, "sharpness": None}]
     assert saved[0]["seed"] == 7 and saved[0]["torch"] and saved[0]["device"] == "cpu"
+    assert saved[0]["threads"] == torch.get_num_threads()
     assert saved[0]["name"].startswith("trial=0-")
