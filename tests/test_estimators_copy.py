@@ -69,5 +69,6 @@ def test_estimators_file_alone_matches_dense_float64_truth(tmp_path):
 def test_estimators_file_imports_only_torch_and_the_standard_library():
     imports = [line.split()[1].split(".")[0] for line in ESTIMATORS.read_text().splitlines()
                if line.startswith(("import ", "from "))]
-    assert set(imports) <= {"contextlib", "dataclasses", "math", "warnings", "torch"}, imports
+    assert set(imports) <= {"collections", "contextlib", "dataclasses", "math", "warnings",
+                            "torch"}, imports
     assert "copy this file" in ESTIMATORS.read_text().lower()
