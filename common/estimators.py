@@ -10,10 +10,18 @@ Copy this file into your own project: it needs only torch and the standard libra
 Contents: the measuring mode (`MeasureMode`, `no_tf32`), the Hessian and Gauss-Newton operators,
 the Lanczos and power eigen-solvers (`top_eigenvalues`, `EigenResult`), and the three estimators.
 
+Inputs: `batches` is a sequence of (x, y) pairs, x a tensor (model(x); integer tokens allowed
+except in `jacobian_norm`) or a dict of tensors (model(**x)); batch sizes and sequence lengths
+may differ. `output_fn` selects a tensor from dict or tuple outputs (lambda out: out["logits"]).
+`loss_fn` must average over examples (sums are refused where detectable). BatchNorm:
+`bn_mode="train"` (batch statistics, default) or "eval" (running statistics) for the curvature;
+eval for the Jacobian. Floating-point inputs are fed contiguous in the model's dtype.
+
 Across processes (torch.distributed, e.g. launched by torchrun): pass `process_group=` (say
-`torch.distributed.group.WORLD`) and each rank its own batches (its own inputs for
-`jacobian_norm`); every rank then returns the value of one process holding all of them.
-Without it (the default) the computation is local whatever the distributed state.
+`torch.distributed.group.WORLD`, or "world", which unlike WORLD is refused before
+init_process_group) and each rank its own batches (its own inputs for `jacobian_norm`); every
+rank then returns the value of one process holding all of them. Without it (the default) the
+computation is local whatever the distributed state.
 
 Why these choices (measured; see the README's "Estimators" section):
 - Hessian-vector products are reverse-over-reverse (double backward autograd) with the
@@ -149,12 +157,9 @@ def _check_model(model):
     if isinstance(model, torch.nn.Module):
         original = getattr(model, "_orig_mod", None)
         return original if isinstance(original, torch.nn.Module) else model
-    if isinstance(model, Mapping):
-        hint = " (a state_dict? load it into its module and pass the module)"
-    elif callable(model):
-        hint = " (a function? wrap it in a torch.nn.Module that holds its parameters)"
-    else:
-        hint = ""
+    hint = (" (a state_dict? load it into its module and pass the module)"
+            if isinstance(model, Mapping) else " (a function? wrap it in a torch.nn.Module "
+            "that holds its parameters)" if callable(model) else "")
     raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}")
 
 
@@ -312,7 +317,7 @@ def _to_model(x, ref):
     return x.to(ref.device)
 
 
-def _tensors(x):
+def _tensors(x):  # the tensors of x, a tensor or a dict
     return [v for v in x.values() if torch.is_tensor(v)] if isinstance(x, Mapping) else [x]
 
 
@@ -404,25 +409,14 @@ def hessian_operator(model, loss_fn, batches, reuse_graph=True, *, process_group
     bn_mode="train" (default) normalises each batch with its own statistics (ghost batches),
     "eval" with the running statistics; running statistics are never touched.
 
-    Args:
-        model: a torch.nn.Module (a torch.compile'd one is measured through its original
-            module); products are w.r.t. its trainable parameters, flattened in
+    Args (model, loss_fn, batches, bn_mode, output_fn: as for `sharpness`):
+        model: products are w.r.t. its trainable parameters, flattened in
             `model.parameters()` order.
-        loss_fn: loss_fn(outputs, targets) -> batch-mean scalar (an instance such as
-            nn.CrossEntropyLoss(), or a function). Terms that depend on the parameters
-            directly (weight decay inside loss_fn) are part of L and of its Hessian.
-        batches: sequence of (x, y) pairs; x a tensor (model(x)) or a dict of tensors
-            (model(**x)), n_b = its dim 0 (of the dict's first tensor); shapes may differ
-            between batches; integer inputs (tokens) are passed as they are.
         reuse_graph: build each batch's first-order graph once and reuse it for every
             product (about 2/3 the cost of a product; memory of one double-backward graph
             per batch). False rebuilds it per product.
-        process_group: a torch.distributed group (or "world": the default group, refused
-            before init_process_group) whose ranks each pass their own batches (possibly
-            none); N and every product are summed over the ranks. None: local.
-        bn_mode: "train" or "eval", the mode of the BatchNorm layers.
-        output_fn: optional function of the model's outputs giving what loss_fn receives
-            (e.g. lambda out: out["logits"]).
+        process_group: a torch.distributed group (or "world") whose ranks each pass their own
+            batches (possibly none); N and every product are summed over the ranks. None: local.
 
     Returns:
         (matvec, dim): matvec(v) = H v for a flat (dim,) vector v.
@@ -519,12 +513,8 @@ def gauss_newton_operator(model, loss_fn, batches, *, process_group=None, bn_mod
     per product, J v comes from a double vector-Jacobian product through a graph built once per
     batch, and J^T (H J v) from one vector-Jacobian product. BatchNorm: bn_mode="train"
     (default) uses each batch's own statistics (so J couples the examples of a batch), "eval"
-    the running statistics; running statistics are not touched.
-
-    Args: as for `hessian_operator`, except that the outputs must be one tensor (use
-    `output_fn` for a dict or tuple) and loss_fn may depend on the parameters only through
-    them: a loss_fn with a direct parameter term (weight decay inside it) is refused with a
-    ValueError, since G would silently leave that term out.
+    the running statistics; running statistics are not touched. Arguments and refusals: as
+    for `hessian_operator` and `gauss_newton_norm`.
 
     Returns:
         (matvec, dim): matvec(v) = G v for a flat (dim,) vector v.
