@@ -306,8 +306,8 @@ def _batch_size(x, i):
 
 def _to_model(x, ref):
     """x on the model's device; floating-point tensors also in its dtype and contiguous (the
-    gradients of some backends depend on the memory layout: oneDNN's channels-last convolution
-    gradients were wrong on a CPU here), integer tensors (tokens) as they are."""
+    gradients of some backends depend on the memory layout: wrong oneDNN channels-last
+    convolution gradients were reported on a CPU), integer tensors (tokens) as they are."""
     if isinstance(x, Mapping):
         return {k: _to_model(v, ref) for k, v in x.items()}
     if not torch.is_tensor(x):
@@ -741,8 +741,7 @@ def sharpness(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5, max_i
     batches), "eval" with the running statistics; running statistics, parameters and training
     flags are left exactly as they were. Dropout is off while measuring. Floating-point inputs
     are fed contiguous (NCHW for images) in the model's dtype: the gradients of some backends
-    depend on the memory layout (oneDNN's channels-last convolution gradients were wrong on a
-    CPU here).
+    depend on the memory layout, so the value does not depend on the caller's.
 
     Args:
         model: torch.nn.Module (CPU or CUDA, float32 or float64; a torch.compile'd module is
