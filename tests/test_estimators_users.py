@@ -7,6 +7,10 @@ References: torch.autograd.functional.hessian / jacobian of torch.func.functiona
 trainable parameters, every module in eval mode except BN in the mode under test (BN handled
 by references.batch_stats_mode, written independently of MeasureMode), math attention."""
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -426,3 +430,32 @@ def test_integer_tokens_refused_by_jacobian_norm_only():
     assert sharpness(model, F.cross_entropy, batches, tol=1e-4) > 0
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):
         jacobian_norm(model, batches[0][0])
+
+
+WORLD = '''
+import socket, sys, torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
+from common.estimators import gauss_newton_norm, jacobian_norm, sharpness
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(3, (6,))
+for f in (sharpness, gauss_newton_norm):
+    assert f(model, F.cross_entropy, [(x, y)], process_group="world", tol=1e-8) == \\
+        f(model, F.cross_entropy, [(x, y)], tol=1e-8)
+assert jacobian_norm(model, x, process_group="world") == jacobian_norm(model, x)
+dist.destroy_process_group()
+print("ok")
+'''
+
+
+@pytest.mark.slow  # a torch.distributed process
+def test_world_process_group_after_init_is_the_default_group():
+    """process_group="world" once initialised: one gloo process, the same values as local."""
+    done = subprocess.run([sys.executable, "-c", WORLD], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": "."})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
