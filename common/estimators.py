@@ -183,7 +183,8 @@ def _check_loss_fn(loss_fn):
         reduction = keywords.get("reduction")
     if isinstance(reduction, str) and reduction not in MEAN_REDUCTIONS:
         raise ValueError(f"loss_fn has reduction={reduction!r}: the estimators need a batch-mean "
-                         f"loss (reduction='mean'); a sum would scale every value by the batch size")
+                         f"loss (reduction='mean'); a sum would scale every value by the batch "
+                         f"size")
 
 
 def _check_mean_over_examples(loss_fn, outputs, targets):
