@@ -10,10 +10,18 @@ Copy this file into your own project: it needs only torch and the standard libra
 Contents: the measuring mode (`MeasureMode`, `no_tf32`), the Hessian and Gauss-Newton operators,
 the Lanczos and power eigen-solvers (`top_eigenvalues`, `EigenResult`), and the three estimators.
 
+Inputs: `batches` is a sequence of (x, y) pairs, x a tensor (model(x); integer tokens allowed
+except in `jacobian_norm`) or a dict of tensors (model(**x)); batch sizes and sequence lengths
+may differ. `output_fn` selects a tensor from dict or tuple outputs (lambda out: out["logits"]).
+`loss_fn` must average over examples (sums are refused where detectable). BatchNorm:
+`bn_mode="train"` (batch statistics, default) or "eval" (running statistics) for the curvature;
+eval for the Jacobian. Floating-point inputs are fed contiguous in the model's dtype.
+
 Across processes (torch.distributed, e.g. launched by torchrun): pass `process_group=` (say
-`torch.distributed.group.WORLD`) and each rank its own batches (its own inputs for
-`jacobian_norm`); every rank then returns the value of one process holding all of them.
-Without it (the default) the computation is local whatever the distributed state.
+`torch.distributed.group.WORLD`, or "world", which unlike WORLD is refused before
+init_process_group) and each rank its own batches (its own inputs for `jacobian_norm`); every
+rank then returns the value of one process holding all of them. Without it (the default) the
+computation is local whatever the distributed state.
 
 Why these choices (measured; see the README's "Estimators" section):
 - Hessian-vector products are reverse-over-reverse (double backward autograd) with the
@@ -35,6 +43,7 @@ Why these choices (measured; see the README's "Estimators" section):
 """
 import contextlib
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -85,7 +94,7 @@ class MeasureMode:
     """
 
     def __init__(self, model, mode):
-        self.model, self.mode = model, mode
+        self.model, self.mode = model, _check_bn_mode(mode, "mode")
 
     def __enter__(self):
         modules = list(self.model.modules())
@@ -134,6 +143,112 @@ def no_tf32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def _check_bn_mode(mode, name="bn_mode"):
+    """`mode` if it is "train" or "eval"; a ValueError naming the argument otherwise."""
+    if not isinstance(mode, str) or mode not in ("train", "eval"):
+        raise ValueError(f"{name} must be 'train' or 'eval', got {mode!r}")
+    return mode
+
+
+def _check_model(model):
+    """The module to measure: `model`, or the original module of a torch.compile'd one (its
+    `_orig_mod`, holding the same parameter tensors: compiled graphs have no double backward).
+    TypeError unless `model` is a torch.nn.Module."""
+    if isinstance(model, torch.nn.Module):
+        original = getattr(model, "_orig_mod", None)
+        return original if isinstance(original, torch.nn.Module) else model
+    hint = (" (a state_dict? load it into its module and pass the module)"
+            if isinstance(model, Mapping) else " (a function? wrap it in a torch.nn.Module "
+            "that holds its parameters)" if callable(model) else "")
+    raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}")
+
+
+# reductions that average over examples ("batchmean": nn.KLDivLoss)
+MEAN_REDUCTIONS = ("mean", "batchmean")
+
+
+def _check_loss_fn(loss_fn):
+    """TypeError unless loss_fn is a callable instance or function; ValueError if it declares a
+    reduction other than a mean (a loss module's `.reduction`, or a functools.partial's
+    `reduction=` keyword)."""
+    if isinstance(loss_fn, type):
+        raise TypeError(f"loss_fn is the class {loss_fn.__name__}: pass an instance "
+                        f"({loss_fn.__name__}()) or a function such as F.cross_entropy")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a callable loss_fn(outputs, targets) -> scalar, got "
+                        f"{type(loss_fn).__name__}")
+    reduction = getattr(loss_fn, "reduction", None)
+    keywords = getattr(loss_fn, "keywords", None)  # functools.partial
+    if reduction is None and isinstance(keywords, dict):
+        reduction = keywords.get("reduction")
+    if isinstance(reduction, str) and reduction not in MEAN_REDUCTIONS:
+        raise ValueError(f"loss_fn has reduction={reduction!r}: the estimators need a batch-mean "
+                         f"loss (reduction='mean'); a sum would scale every value by the batch "
+                         f"size")
+
+
+def _check_mean_over_examples(loss_fn, outputs, targets):
+    """ValueError if loss_fn sums over examples: its value on two examples equals the sum of its
+    values on each alone (a mean gives their average). Checked on the first two examples only;
+    skipped where outputs or targets are not tensors split along dim 0, or where loss_fn refuses
+    one example (a loss that couples the examples of a batch cannot be checked this way)."""
+    if not (torch.is_tensor(outputs) and torch.is_tensor(targets) and outputs.dim()
+            and targets.dim() and len(outputs) >= 2 and len(targets) == len(outputs)):
+        return
+    z = outputs.detach()
+    try:
+        with torch.no_grad():
+            both, one, two = (float(loss_fn(z[s], targets[s]))
+                              for s in (slice(0, 2), slice(0, 1), slice(1, 2)))
+    except Exception:  # noqa: BLE001 - an uncheckable loss is the caller's to validate
+        return
+    total = one + two
+    if total != 0 and abs(both - total) <= 1e-4 * abs(total) < abs(both - total / 2):
+        raise ValueError("loss_fn sums over the examples (its value on two examples is the sum "
+                         "of their values): the estimators need a batch-mean loss, e.g. "
+                         "reduction='mean'; a sum would scale every value by the batch size")
+
+
+def _check_output_fn(output_fn):
+    if output_fn is not None and not callable(output_fn):
+        raise TypeError(f"output_fn must be None or a callable (e.g. lambda out: out['logits']), "
+                        f"got {type(output_fn).__name__}")
+
+
+def _forward(model, x, output_fn=None):
+    """model(**x) for a dict of inputs (HuggingFace style), model(x) otherwise; then
+    output_fn(outputs) if given."""
+    out = model(**x) if isinstance(x, Mapping) else model(x)
+    return out if output_fn is None else output_fn(out)
+
+
+def _output_tensor(out, who):
+    """`out` if it is a tensor; a TypeError telling `who`'s caller to pass output_fn otherwise."""
+    if torch.is_tensor(out):
+        return out
+    raise TypeError(f"{who} needs the model's outputs as one tensor, got "
+                    f"{type(out).__name__}: pass output_fn= to select it (e.g. "
+                    f"output_fn=lambda out: out['logits'] or lambda out: out[0])")
+
+
+def _process_group(group):
+    """The torch.distributed group to sum over, or None (local). `group="world"` is the default
+    group, and refused before init_process_group (where torch.distributed.group.WORLD is None)."""
+    if group is None:
+        return None
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if isinstance(group, str):
+        if group != "world":
+            raise ValueError(f"process_group must be a torch.distributed group, 'world' or None, "
+                             f"got {group!r}")
+        group = torch.distributed.group.WORLD if initialised else None
+    if not initialised or group is None:
+        raise ValueError("process_group was given but torch.distributed is not initialised: call "
+                         "torch.distributed.init_process_group first (or pass None for a local "
+                         "measurement)")
+    return group
+
+
 def _reference_parameter(model):
     """The model's first parameter (its device and dtype are the measurement's)."""
     for p in model.parameters():
@@ -180,32 +295,65 @@ def _flatten(tensors, params):
                       for t, p in zip(tensors, params)])
 
 
-def _check_batches(batches, model):
-    """Validate `batches` and return it as a list of (x, y) on the model's device."""
-    batches = list(batches)
-    if not batches:
+def _batch_size(x, i):
+    """Examples in the inputs x of batch i: dim 0 of x, or of the first tensor of a dict."""
+    first = next((v for v in x.values() if torch.is_tensor(v)), None) \
+        if isinstance(x, Mapping) else x
+    if not torch.is_tensor(first) or first.dim() == 0:
+        raise TypeError(f"batch {i}: inputs must be a tensor with a batch dimension or a dict of "
+                        f"such tensors (passed as model(**x)), got {type(x).__name__}")
+    return len(first)
+
+
+def _to_model(x, ref):
+    """x on the model's device; floating-point tensors also in its dtype and contiguous (the
+    gradients of some backends depend on the memory layout: wrong oneDNN channels-last
+    convolution gradients were reported on a CPU), integer tensors (tokens) as they are."""
+    if isinstance(x, Mapping):
+        return {k: _to_model(v, ref) for k, v in x.items()}
+    if not torch.is_tensor(x):
+        return x
+    if x.is_floating_point():
+        return x.to(ref.device, ref.dtype).contiguous()
+    return x.to(ref.device)
+
+
+def _tensors(x):  # the tensors of x, a tensor or a dict
+    return [v for v in x.values() if torch.is_tensor(v)] if isinstance(x, Mapping) else [x]
+
+
+def _check_batches(batches, model, allow_empty=False):
+    """Validate `batches` and return it as a list of (x, y, n) on the model's device, n the
+    batch's example count. Examples may differ in shape from batch to batch (sequences).
+    allow_empty: an empty `batches` gives [] (a rank of a group without batches)."""
+    if torch.is_tensor(batches) or isinstance(batches, Mapping):
+        raise TypeError(f"batches must be a sequence of (x, y) pairs, got a "
+                        f"{type(batches).__name__}")
+    try:
+        batches = list(batches)
+    except TypeError:
+        raise TypeError(f"batches must be a sequence of (x, y) pairs, got "
+                        f"{type(batches).__name__}") from None
+    if not batches and not allow_empty:
         raise ValueError("batches is empty: pass at least one (x, y) pair")
     ref = _reference_parameter(model)
-    checked, shape = [], None
+    checked = []
     for i, pair in enumerate(batches):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-            raise ValueError(f"batch {i} is not an (x, y) pair")
+            hint = ": pass [(x, y)], a list of pairs" if torch.is_tensor(pair) else ""
+            raise ValueError(f"batch {i} is not an (x, y) pair{hint}")
         x, y = pair
-        if not torch.is_tensor(x) or not x.is_floating_point():
-            raise ValueError(f"batch {i}: inputs must be a floating-point tensor, got "
-                             f"{getattr(x, 'dtype', type(x).__name__)}")
-        if not torch.is_tensor(y) or len(x) != len(y):
-            raise ValueError(f"batch {i}: x has {len(x)} examples but y has "
-                             f"{len(y) if torch.is_tensor(y) else 'no tensor of'} targets")
-        if len(x) == 0:
+        n = _batch_size(x, i)
+        if not isinstance(y, Mapping) and (not torch.is_tensor(y) or y.dim() == 0 or len(y) != n):
+            raise ValueError(f"batch {i}: x has {n} examples but y has "
+                             f"{len(y) if torch.is_tensor(y) and y.dim() else 'no tensor of'} "
+                             f"targets")
+        if n == 0:
             raise ValueError(f"batch {i} is empty")
-        if shape is not None and x.shape[1:] != shape:
-            raise ValueError(f"batch {i}: example shape {tuple(x.shape[1:])} differs from "
-                             f"batch 0's {tuple(shape)}")
-        shape = x.shape[1:]
-        _check_finite([x], f"batch {i}: inputs")
-        _check_finite([y], f"batch {i}: targets")
-        checked.append((x.to(ref.device, ref.dtype), y.to(ref.device)))
+        _check_finite(_tensors(x), f"batch {i}: inputs")
+        _check_finite(_tensors(y), f"batch {i}: targets")
+        checked.append((_to_model(x, ref), _to_model(y, ref) if isinstance(y, Mapping)
+                        else y.to(ref.device), n))
     return checked
 
 
@@ -221,13 +369,9 @@ def _sum_over(group, value, device):
 def _group_batches(batches, model, group):
     """`_check_batches`, except that a rank of a group may hold no batch; returns the batches
     and N, their example count summed over the group."""
-    batches = list(batches)
-    if group is not None and not batches:
-        checked = []
-    else:
-        checked = _check_batches(batches, model)
+    checked = _check_batches(batches, model, allow_empty=group is not None)
     ref = next(iter(model.parameters()))
-    total = int(_sum_over(group, sum(len(x) for x, _ in checked), ref.device))
+    total = int(_sum_over(group, sum(n for _, _, n in checked), ref.device))
     if total == 0:
         raise ValueError("batches is empty on every rank: pass at least one (x, y) pair")
     return checked, total
@@ -257,51 +401,62 @@ def _check_solver_options(k, tol, max_iter, method):
         raise ValueError(f"unknown method {method!r}; choose from {sorted(_SOLVERS)}")
 
 
-def hessian_operator(model, loss_fn, batches, reuse_graph=True, *, process_group=None):
+def hessian_operator(model, loss_fn, batches, reuse_graph=True, *, process_group=None,
+                     bn_mode="train", output_fn=None):
     """Hessian-vector product of the mean loss over all examples in `batches`.
 
-    The loss is L(theta) = sum_b (n_b / N) * loss_fn(model(x_b), y_b), with n_b the size of
-    batch b and N = sum_b n_b, so every example counts equally. BatchNorm is in train mode
-    with each batch's own statistics (ghost batches); running statistics are not touched.
+    The loss is L(theta) = sum_b (n_b / N) * loss_fn(output_fn(model(x_b)), y_b), with n_b the
+    size of batch b and N = sum_b n_b, so every example counts equally. BatchNorm:
+    bn_mode="train" (default) normalises each batch with its own statistics (ghost batches),
+    "eval" with the running statistics; running statistics are never touched.
 
-    Args:
-        model: a torch.nn.Module; products are w.r.t. its trainable parameters, flattened
-            in `model.parameters()` order.
-        loss_fn: loss_fn(outputs, targets) -> batch-mean scalar.
-        batches: sequence of (x, y) pairs.
+    Args (model, loss_fn, batches, bn_mode, output_fn: as for `sharpness`):
+        model: products are w.r.t. its trainable parameters, flattened in
+            `model.parameters()` order.
         reuse_graph: build each batch's first-order graph once and reuse it for every
             product (about 2/3 the cost of a product; memory of one double-backward graph
             per batch). False rebuilds it per product.
-        process_group: a torch.distributed group whose ranks each pass their own batches
-            (possibly none); N and every product are summed over the ranks. None: local.
+        process_group: a torch.distributed group (or "world") whose ranks each pass their own
+            batches (possibly none); N and every product are summed over the ranks. None: local.
 
     Returns:
         (matvec, dim): matvec(v) = H v for a flat (dim,) vector v.
     """
-    matvec, dim, _ = _hessian_operator(model, loss_fn, batches, reuse_graph, process_group)
+    matvec, dim, _ = _hessian_operator(model, loss_fn, batches, reuse_graph, process_group,
+                                       bn_mode, output_fn)
     return matvec, dim
 
 
-def _hessian_operator(model, loss_fn, batches, reuse_graph, group=None):
+def _hessian_operator(model, loss_fn, batches, reuse_graph, group=None, bn_mode="train",
+                      output_fn=None):
     """`hessian_operator`'s (matvec, dim) and the flat mean-loss gradient (P,), read off the
     reused first-order graphs at no cost (None when reuse_graph=False)."""
+    model, group = _check_model(model), _process_group(group)
+    _check_loss_fn(loss_fn)
+    _check_output_fn(output_fn)
+    _check_bn_mode(bn_mode)
     params = _trainable_parameters(model)
     batches, total = _group_batches(batches, model, group)
+    unchecked = [True]  # the mean-over-examples check runs on the first batch only
 
     @no_tf32()
     @torch.enable_grad()
     def batch_gradient(x, y):
-        with MeasureMode(model, "train"):
-            loss = loss_fn(model(x), y)
+        with MeasureMode(model, bn_mode):
+            outputs = _forward(model, x, output_fn)
+            loss = loss_fn(outputs, y)
         _check_scalar_loss(loss)
+        if unchecked[0]:
+            unchecked[0] = False
+            _check_mean_over_examples(loss_fn, outputs, y)
         return torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
 
-    graphs = [batch_gradient(x, y) for x, y in batches] if reuse_graph else None
+    graphs = [batch_gradient(x, y) for x, y, _ in batches] if reuse_graph else None
     gradient = None
     if reuse_graph:
-        gradient = sum(((len(x) / total) * _flatten([None if g is None else g.detach()
-                                                     for g in grads], params)
-                        for (x, _), grads in zip(batches, graphs)),
+        gradient = sum(((n / total) * _flatten([None if g is None else g.detach()
+                                                for g in grads], params)
+                        for (_, _, n), grads in zip(batches, graphs)),
                        torch.zeros(sum(p.numel() for p in params), device=params[0].device,
                                    dtype=params[0].dtype) if group is not None else 0)
         if group is not None:  # the same start vector on every rank
@@ -312,59 +467,81 @@ def _hessian_operator(model, loss_fn, batches, reuse_graph, group=None):
     def matvec(v):
         vs = _unflatten(v.to(params[0].dtype), params)
         out = torch.zeros_like(v, dtype=params[0].dtype)
-        for i, (x, y) in enumerate(batches):
+        for i, (x, y, n) in enumerate(batches):
             grads = graphs[i] if reuse_graph else batch_gradient(x, y)
             used = [(g, u) for g, u in zip(grads, vs) if g is not None and g.requires_grad]
             if not used:  # the loss is linear in the parameters: this batch's H is 0
                 continue
             hv = torch.autograd.grad([g for g, _ in used], params, [u for _, u in used],
                                      retain_graph=reuse_graph, allow_unused=True)
-            out += (len(x) / total) * _flatten(hv, params)
+            out += (n / total) * _flatten(hv, params)
         return out
 
     return _reduced(matvec, group), sum(p.numel() for p in params), gradient
 
 
-def _output_hessian_factor(loss_fn, outputs, targets):
-    """Return u -> H_z u, H_z = Hessian of loss_fn(z, targets) w.r.t. z at z = outputs."""
+def _output_hessian_factor(loss_fn, outputs, targets, params):
+    """Return u -> H_z u, H_z = Hessian of loss_fn(z, targets) w.r.t. z at z = outputs.
+
+    ValueError if loss_fn depends on `params` other than through z (e.g. weight decay inside
+    loss_fn): the Gauss-Newton matrix covers the loss of the outputs alone."""
     z = outputs.detach().requires_grad_(True)
     with torch.enable_grad():
-        (gz,) = torch.autograd.grad(loss_fn(z, targets), z, create_graph=True)
-    if not gz.requires_grad:  # loss linear in z: H_z = 0
+        loss = loss_fn(z, targets)
+        if not torch.is_tensor(loss) or loss.dim() != 0:
+            _check_scalar_loss(loss)
+        if not loss.requires_grad:  # loss constant in z: H_z = 0
+            return lambda u: torch.zeros_like(u)
+        direct = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        if any(g is not None for g in direct):
+            raise ValueError("loss_fn depends on the model's parameters other than through the "
+                             "outputs (e.g. weight decay inside loss_fn): the Gauss-Newton "
+                             "matrix covers the loss of the outputs alone; pass that loss (an "
+                             "L2 term (wd/2)||theta||^2 adds wd * I, so wd to the norm)")
+        (gz,) = torch.autograd.grad(loss, z, create_graph=True, allow_unused=True)
+    if gz is None or not gz.requires_grad:  # loss linear (or constant) in z: H_z = 0
         return lambda u: torch.zeros_like(u)
     return lambda u: torch.autograd.grad(gz, z, u, retain_graph=True)[0]
 
 
-def gauss_newton_operator(model, loss_fn, batches, *, process_group=None):
+def gauss_newton_operator(model, loss_fn, batches, *, process_group=None, bn_mode="train",
+                          output_fn=None):
     """Gauss-Newton-vector product G v with G = (1/N) sum_i J_i^T H_i J_i.
 
-    J_i is the Jacobian of example i's outputs w.r.t. the trainable parameters and H_i the
-    Hessian of its loss w.r.t. those outputs (for a batch-mean loss_fn the batch's H_z
-    already carries 1/n_b; batches are weighted by n_b/N). G is never formed: per product,
-    J v comes from a double vector-Jacobian product through a graph built once per batch,
-    and J^T (H J v) from one vector-Jacobian product. BatchNorm is in train mode with each
-    batch's own statistics (so J couples the examples of a batch); running statistics are
-    not touched. `process_group`: as for `hessian_operator`.
+    J_i is the Jacobian of example i's outputs z_i = output_fn(model(x_i)) w.r.t. the trainable
+    parameters and H_i the Hessian of its loss w.r.t. those outputs (for a batch-mean loss_fn
+    the batch's H_z already carries 1/n_b; batches are weighted by n_b/N). G is never formed:
+    per product, J v comes from a double vector-Jacobian product through a graph built once per
+    batch, and J^T (H J v) from one vector-Jacobian product. BatchNorm: bn_mode="train"
+    (default) uses each batch's own statistics (so J couples the examples of a batch), "eval"
+    the running statistics; running statistics are not touched. Arguments and refusals: as
+    for `hessian_operator` and `gauss_newton_norm`.
 
     Returns:
         (matvec, dim): matvec(v) = G v for a flat (dim,) vector v.
     """
+    model, process_group = _check_model(model), _process_group(process_group)
+    _check_loss_fn(loss_fn)
+    _check_output_fn(output_fn)
+    _check_bn_mode(bn_mode)
     params = _trainable_parameters(model)
     batches, total = _group_batches(batches, model, process_group)
     pieces = []
-    for x, y in batches:
-        with MeasureMode(model, "train"), torch.enable_grad(), no_tf32():
-            z = model(x)  # (n_b, C)
+    for i, (x, y, n) in enumerate(batches):
+        with MeasureMode(model, bn_mode), torch.enable_grad(), no_tf32():
+            z = _output_tensor(_forward(model, x, output_fn), "gauss_newton_norm")  # (n_b, ...)
         if not z.requires_grad:
             raise ValueError("the model's outputs do not depend on its trainable parameters: "
                              "are they detached, or computed under torch.no_grad()?")
+        if i == 0:
+            _check_mean_over_examples(loss_fn, z, y)
         dummy = torch.zeros_like(z, requires_grad=True)
         # J^T dummy as a differentiable function of dummy: differentiating it w.r.t. dummy
         # along v gives J v without forward-mode AD.
         with torch.enable_grad(), no_tf32():
             jt_dummy = torch.autograd.grad(z, params, dummy, create_graph=True,
                                            allow_unused=True)
-        pieces.append((z, dummy, jt_dummy, _output_hessian_factor(loss_fn, z, y), len(x)))
+        pieces.append((z, dummy, jt_dummy, _output_hessian_factor(loss_fn, z, y, params), n))
 
     def matvec(v):
         vs = _unflatten(v.to(params[0].dtype), params)
@@ -555,21 +732,30 @@ def _operator_eigenvalues(operator, model, k, method, tol, max_iter, generator, 
 
 def sharpness(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5, max_iter=100,
               generator=None, reuse_graph=True, gradient_start=True, return_info=False,
-              process_group=None):
+              process_group=None, bn_mode="train", output_fn=None):
     """Sharpness: the largest eigenvalue of the loss Hessian w.r.t. the trainable parameters.
 
         lambda_max( d^2/dtheta^2 [ (1/N) sum_i loss(f(x_i; theta), y_i) ] )
 
     The mean runs over every example in `batches` (each batch weighted by its size).
-    BatchNorm: train mode, each batch normalised with its own statistics (ghost batches);
-    running statistics, parameters and training flags are left exactly as they were.
-    Dropout is off while measuring.
+    BatchNorm: bn_mode="train" (default) normalises each batch with its own statistics (ghost
+    batches), "eval" with the running statistics; running statistics, parameters and training
+    flags are left exactly as they were. Dropout is off while measuring. Floating-point inputs
+    are fed contiguous (NCHW for images) in the model's dtype: the gradients of some backends
+    depend on the memory layout, so the value does not depend on the caller's.
 
     Args:
-        model: torch.nn.Module (CPU or CUDA, float32 or float64).
-        loss_fn: loss_fn(outputs, targets) -> batch-mean scalar, e.g. F.cross_entropy
-            (label_smoothing allowed; targets may be indices or probability vectors).
-        batches: sequence of (x, y) pairs.
+        model: torch.nn.Module (CPU or CUDA, float32 or float64; a torch.compile'd module is
+            measured through its original module, `_orig_mod`).
+        loss_fn: loss_fn(outputs, targets) -> batch-mean scalar, e.g. F.cross_entropy or
+            nn.CrossEntropyLoss() (label_smoothing allowed; targets may be indices or
+            probability vectors). A parameter term inside it (weight decay) is included.
+            A sum over examples is refused (ValueError): a loss module's or partial's
+            `reduction` other than "mean"/"batchmean", and any loss whose value on the first
+            two examples is the sum of their values.
+        batches: sequence of (x, y) pairs: x a tensor (model(x)), integer tokens allowed, or a
+            dict of tensors (model(**x)); the batch size n_b is dim 0 of x (of the dict's
+            first tensor); shapes may differ between batches (sequence lengths).
         k: number of top eigenvalues (k > 1 returns a descending list).
         method: "lanczos" (default) or "power".
         tol: relative error target of the eigenvalue estimate (see `top_eigenvalues`).
@@ -583,30 +769,42 @@ def sharpness(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5, max_i
         return_info: return the full `EigenResult` (eigenvalues, products, convergence).
         process_group: torch.distributed group; each rank passes its own batches (possibly
             none) and all return the value for the union of them. The Lanczos vectors are
-            replicated (same start on every rank: pass `generator`s seeded alike).
+            replicated (same start on every rank: pass `generator`s seeded alike). "world" is
+            the default group, refused before init_process_group (torch.distributed.group.WORLD
+            is None then, the same as the default local None).
+        bn_mode: "train" or "eval", the mode of the BatchNorm layers.
+        output_fn: optional function of the model's outputs giving what loss_fn receives
+            (e.g. lambda out: out["logits"]).
 
     Returns:
         float (k == 1), list of floats (k > 1) or EigenResult (return_info=True).
     """
     _check_solver_options(k, tol, max_iter, method)
+    model = _check_model(model)
     matvec, dim, gradient = _hessian_operator(model, loss_fn, batches, reuse_graph,
-                                              process_group)
+                                              process_group, bn_mode, output_fn)
     return _operator_eigenvalues((matvec, dim), model, k, method, tol, max_iter, generator,
                                  return_info, gradient if gradient_start else None)
 
 
 def gauss_newton_norm(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5,
-                      max_iter=100, generator=None, return_info=False, process_group=None):
+                      max_iter=100, generator=None, return_info=False, process_group=None,
+                      bn_mode="train", output_fn=None):
     """Spectral norm of the Gauss-Newton matrix (its largest eigenvalue; G is PSD for a
     convex loss):
 
         G = (1/N) sum_i J_i^T H_i J_i,  J_i = d f(x_i) / d theta,  H_i = d^2 loss_i / d f^2
 
-    Same conventions, options and returns as `sharpness` (BN in train mode with batch
-    statistics, model state untouched, `process_group`). See `gauss_newton_operator`.
+    with f = output_fn o model. Same conventions, options and returns as `sharpness` (bn_mode,
+    inputs, model state untouched, `process_group`), except: the outputs must be one tensor
+    (a dict or tuple output needs `output_fn`, else TypeError), and a loss_fn that depends on
+    the parameters other than through the outputs (weight decay inside it) is refused with a
+    ValueError, since G would leave that term out. See `gauss_newton_operator`.
     """
     _check_solver_options(k, tol, max_iter, method)
-    operator = gauss_newton_operator(model, loss_fn, batches, process_group=process_group)
+    model = _check_model(model)
+    operator = gauss_newton_operator(model, loss_fn, batches, process_group=process_group,
+                                     bn_mode=bn_mode, output_fn=output_fn)
     return _operator_eigenvalues(operator, model, k, method, tol, max_iter, generator,
                                  return_info)
 
@@ -659,40 +857,59 @@ def _sample_jacobian_norms_power(out, x, tol, max_iter, generator):
 
 
 def jacobian_norm(model, x, softmax=True, *, batch_size=256, method="auto", tol=1e-6,
-                  max_iter=200, generator=None, return_per_sample=False, process_group=None):
+                  max_iter=200, generator=None, return_per_sample=False, process_group=None,
+                  output_fn=None):
     """Largest input-output Jacobian spectral norm over the samples of x.
 
-        max_i || d g(x_i) / d x_i ||_2,   g = softmax o model (or model, softmax=False)
+        max_i || d g(x_i) / d x_i ||_2,   g = softmax o output_fn o model (or without softmax)
 
-    BatchNorm in eval mode (running statistics), so each sample's output depends on that
-    sample alone; dropout off; the model's state is left exactly as it was.
+    BatchNorm in eval mode (running statistics; there is no bn_mode: in train mode a sample's
+    output would depend on the other samples of its chunk), dropout off; the model's state is
+    left exactly as it was. x is fed contiguous (NCHW for images) in the model's dtype: the
+    gradients of some backends depend on the memory layout.
+
+    Sequence outputs (N, T, C): the softmax runs over the last axis and J_i is the Jacobian of
+    all T*C outputs of sample i w.r.t. all its inputs, ||d vec(g(x_i)) / d vec(x_i)||_2.
 
     Args:
-        model: torch.nn.Module mapping (N, *D) inputs to (N, C) logits.
-        x: (N, *D) floating-point inputs.
+        model: torch.nn.Module mapping (N, *D) inputs to (N, C) (or (N, T, C)) outputs; a
+            torch.compile'd module is measured through its original module.
+        x: (N, *D) floating-point tensor (integer tokens have no input Jacobian: TypeError).
         softmax: differentiate the softmaxed outputs (the paper's choice) or the logits.
         batch_size: samples per chunk (memory: batch_size * C * D numbers for "exact").
         method: "exact" (C vector-Jacobian products and a C x C eigenproblem per sample),
             "power" (per-sample power iteration on J^T J, for very large C) or "auto"
-            (exact when C <= 128).
+            (exact when C <= 128; C counts all outputs of a sample).
         tol, max_iter, generator: for method "power".
         return_per_sample: return the (N,) tensor of per-sample norms instead of the max.
-        process_group: torch.distributed group; each rank passes its own inputs (possibly
-            none) and all return the maximum over the union (all-reduce max). Per-sample
-            norms stay this rank's; "power" starts differ from one process's (within tol).
+        process_group: torch.distributed group (or "world"); each rank passes its own inputs
+            (possibly none) and all return the maximum over the union (all-reduce max).
+            Per-sample norms stay this rank's; "power" starts differ from one process's
+            (within tol).
+        output_fn: optional function of the model's outputs selecting the logits tensor
+            (e.g. lambda out: out["logits"]); a dict or tuple output without it: TypeError.
 
     Returns:
         float, or a float64 (N,) CPU tensor if return_per_sample.
     """
+    model, process_group = _check_model(model), _process_group(process_group)
     if not torch.is_tensor(x) or not x.is_floating_point():
-        raise ValueError(f"x must be a floating-point tensor, got "
-                         f"{getattr(x, 'dtype', type(x).__name__)}")
-    if len(x) == 0 and process_group is None:
-        raise ValueError("x is empty")
+        raise TypeError(f"x must be a floating-point tensor (jacobian_norm differentiates "
+                        f"w.r.t. the inputs; integer tokens have none), got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() == 0 or (len(x) == 0 and process_group is None):
+        raise ValueError("x is empty" if x.dim() else "x must have a batch dimension")
     if method not in ("auto", "exact", "power"):
         raise ValueError(f"unknown method {method!r}; choose from ['auto', 'exact', 'power']")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool):
+        raise TypeError(f"batch_size must be an integer, got {batch_size!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    _check_output_fn(output_fn)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     ref = _reference_parameter(model)
@@ -701,17 +918,18 @@ def jacobian_norm(model, x, softmax=True, *, batch_size=256, method="auto", tol=
     norms = []
     with MeasureMode(model, "eval"), torch.enable_grad(), no_tf32():
         for start in range(0, len(x), batch_size):
-            xb = x[start:start + batch_size].to(ref.device, ref.dtype).requires_grad_(True)
-            out = model(xb)  # (n, C)
-            if not torch.is_tensor(out) or out.dim() != 2:
+            xb = _to_model(x[start:start + batch_size], ref).requires_grad_(True)
+            out = _output_tensor(_forward(model, xb, output_fn), "jacobian_norm")  # (n, C)
+            if out.dim() < 2 or len(out) != len(xb):
                 raise ValueError(f"jacobian_norm needs (N, C) outputs, got shape "
-                                 f"{tuple(getattr(out, 'shape', ()))}: reshape them in a "
-                                 f"wrapper module (e.g. (N,) -> (N, 1))")
+                                 f"{tuple(out.shape)}: reshape them in a wrapper module or "
+                                 f"output_fn (e.g. (N,) -> (N, 1))")
             if not out.requires_grad:
                 raise ValueError("the model's outputs do not depend on the inputs x: are they "
                                  "detached, or computed under torch.no_grad()?")
             if softmax:
-                out = torch.softmax(out, dim=1)
+                out = torch.softmax(out, dim=-1)
+            out = out.flatten(1)  # (n, C), or (n, T * C) for sequence outputs
             use_exact = method == "exact" or (method == "auto" and out.shape[1] <= 128)
             if use_exact:
                 norms.append(_sample_jacobian_norms_exact(out, xb).cpu())

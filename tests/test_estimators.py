@@ -229,13 +229,9 @@ def test_jacobian_norm_on_mlp_and_uses_eval_mode_bn():
     (lambda m, b: sharpness(m, F.cross_entropy, []), "empty"),
     (lambda m, b: sharpness(m, F.cross_entropy, b, k=0), "k must be"),
     (lambda m, b: gauss_newton_norm(m, F.cross_entropy, b, k=-1), "k must be"),
-    (lambda m, b: sharpness(m, F.cross_entropy, [(b[0][0].long(), b[0][1])]), "floating"),
     (lambda m, b: sharpness(m, F.cross_entropy, [(b[0][0], b[0][1][:-1])]), "targets"),
-    (lambda m, b: sharpness(m, F.cross_entropy, [b[0], (torch.randn(3, 4).double(),
-                                                        b[0][1][:3])]), "shape"),
     (lambda m, b: sharpness(m, F.cross_entropy, b, method="arnoldi"), "unknown method"),
     (lambda m, b: sharpness(m, F.cross_entropy, b, tol=0), "tol"),
-    (lambda m, b: jacobian_norm(m, b[0][0].long()), "floating"),
     (lambda m, b: jacobian_norm(m, b[0][0][:0]), "empty"),
     (lambda m, b: top_eigenvalues(lambda v: v, 3, k=4), "exceeds"),
 ])

@@ -53,6 +53,17 @@ CHECK = textwrap.dedent('''
     }
     for name, (got, want) in checks.items():
         assert abs(got - want) <= 1e-8 * abs(want), (name, got, want)
+
+    class Keyed(nn.Module):  # keyword inputs, dict outputs, as HuggingFace models
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, features):
+            return {"logits": self.inner(features)}
+    keyed = [({"features": x[:7]}, y[:7]), ({"features": x[7:]}, y[7:])]
+    got = gauss_newton_norm(Keyed(model), fn, keyed, output_fn=lambda o: o["logits"], tol=1e-10)
+    assert abs(got - checks["gauss_newton"][1]) <= 1e-8 * checks["gauss_newton"][1], got
     print("ok", {k: v[0] for k, v in checks.items()})
 ''')
 
@@ -69,5 +80,6 @@ def test_estimators_file_alone_matches_dense_float64_truth(tmp_path):
 def test_estimators_file_imports_only_torch_and_the_standard_library():
     imports = [line.split()[1].split(".")[0] for line in ESTIMATORS.read_text().splitlines()
                if line.startswith(("import ", "from "))]
-    assert set(imports) <= {"contextlib", "dataclasses", "math", "warnings", "torch"}, imports
+    assert set(imports) <= {"collections", "contextlib", "dataclasses", "math", "warnings",
+                            "torch"}, imports
     assert "copy this file" in ESTIMATORS.read_text().lower()
