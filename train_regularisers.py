@@ -107,7 +107,7 @@ def parse_args(argv=None):
     parser.add_argument("--sam-rhos", nargs="+", type=common.finite_float,
                         default=[0.0, 0.01, 0.02, 0.05, 0.1], help="SAM radii rho (0: plain SGD)")
     parser.add_argument("--jacobian-penalties", nargs="+", type=common.finite_float,
-                        default=[0.0, 0.01, 0.03, 0.1],
+                        default=[0.0, 0.1, 0.3, 1.0],
                         help="strengths lambda of the softmax-Jacobian penalty (0: none)")
     parser.add_argument("--epochs", type=int, default=90)
     parser.add_argument("--milestones", nargs="*", type=int, default=[50, 80],
