@@ -9,8 +9,16 @@ horizontal flip, on the device), SAM with radius rho (rho = 0 is SGD). At the en
 and without weight decay (label smoothing included): generalisation gap |test - train loss|,
 sharpness and Gauss-Newton norm (1000 training examples drawn with the model's seed, BN in train
 mode, ghost batches of 128), softmax Jacobian norm (same examples, eval mode), training loss and
-validation (test-split) accuracy. The paper's finding: every regulariser lowers the Jacobian
-norm with the gap, while only SAM lowers sharpness.
+accuracy, validation (test-split) accuracy, and the weight norm ||w|| (every trainable
+parameter). The paper's finding: every regulariser lowers the Jacobian norm with the gap, while
+only SAM lowers sharpness.
+
+Beyond the paper, an intervention (--sweeps jacobian, swept only when named): the loss is
+CE + lambda * P, P the random-projection estimate of the mean squared Frobenius norm of the
+softmax's input Jacobian [Hoffman et al. 2019] (`common.jacobian_penalty`), swept over lambda
+(--jacobian-penalties; lambda = 0 is the baseline cell). Does lowering the Jacobian norm
+directly lower the gap, and what does it do to sharpness? A penalised step costs about 4 plain
+ones (double backward; measured on one CPU core, VGG11 at width 1/8).
 
 Paper's run, all cells in one process:
     python train_regularisers.py --data-root DATA
@@ -46,6 +54,10 @@ Choices where the paper is silent (a careful reading, not the authors' code):
 - One random permutation per epoch, the last incomplete batch kept. Cells whose
   hyperparameters coincide (each sweep's "off" value) are one run, shared by the sweeps.
 - A baseline without the regulariser is the weight decay 5e-4 run with every other one off.
+- The Jacobian penalty acts on the softmax, not the logits: the sweeps measure the softmax
+  Jacobian's spectral norm, which its Frobenius norm bounds within sqrt(K - 1). One random unit
+  direction per example and step, drawn from the cell's generator; BN in train mode, so the
+  estimate includes the (small) cross-example terms of the batch's Jacobian.
 """
 import math
 import time
