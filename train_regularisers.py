@@ -9,8 +9,16 @@ horizontal flip, on the device), SAM with radius rho (rho = 0 is SGD). At the en
 and without weight decay (label smoothing included): generalisation gap |test - train loss|,
 sharpness and Gauss-Newton norm (1000 training examples drawn with the model's seed, BN in train
 mode, ghost batches of 128), softmax Jacobian norm (same examples, eval mode), training loss and
-validation (test-split) accuracy. The paper's finding: every regulariser lowers the Jacobian
-norm with the gap, while only SAM lowers sharpness.
+accuracy, validation (test-split) accuracy, and the weight norm ||w|| (every trainable
+parameter). The paper's finding: every regulariser lowers the Jacobian norm with the gap, while
+only SAM lowers sharpness.
+
+Beyond the paper, an intervention (--sweeps jacobian, swept only when named): the loss is
+CE + lambda * P, P the random-projection estimate of the mean squared Frobenius norm of the
+softmax's input Jacobian [Hoffman et al. 2019] (`common.jacobian_penalty`), swept over lambda
+(--jacobian-penalties; lambda = 0 is the baseline cell). Does lowering the Jacobian norm
+directly lower the gap, and what does it do to sharpness? A penalised step costs about 4 plain
+ones (double backward; measured on one CPU core, VGG11 at width 1/8).
 
 Paper's run, all cells in one process:
     python train_regularisers.py --data-root DATA
@@ -46,6 +54,10 @@ Choices where the paper is silent (a careful reading, not the authors' code):
 - One random permutation per epoch, the last incomplete batch kept. Cells whose
   hyperparameters coincide (each sweep's "off" value) are one run, shared by the sweeps.
 - A baseline without the regulariser is the weight decay 5e-4 run with every other one off.
+- The Jacobian penalty acts on the softmax, not the logits: the sweeps measure the softmax
+  Jacobian's spectral norm, which its Frobenius norm bounds within sqrt(K - 1). One random unit
+  direction per example and step, drawn from the cell's generator; BN in train mode, so the
+  estimate includes the (small) cross-example terms of the batch's Jacobian.
 """
 import math
 import time
@@ -55,19 +67,23 @@ import torch
 import common
 
 # Sweep name -> (config key swept, axis label). Outside its sweep a regulariser is off:
-# weight decay --weight-decay, smoothing 0, mixup None (not applied), p 0, rho 0.
+# weight decay --weight-decay, smoothing 0, mixup None (not applied), p 0, rho 0, Jacobian
+# penalty 0 (the key absent, so the other cells keep the names of runs saved before it existed).
 SWEEPS = {"weight_decay": ("weight_decay", "weight decay"),
           "label_smoothing": ("smoothing", "label smoothing α"),
           "mixup": ("mixup_beta", "mixup β"),
           "augmentation": ("augment_p", "augmentation probability p"),
-          "sam": ("sam_rho", "SAM radius ρ")}
+          "sam": ("sam_rho", "SAM radius ρ"),
+          "jacobian": ("jacobian_penalty", "Jacobian penalty λ")}
+PAPER_SWEEPS = ["weight_decay", "label_smoothing", "mixup", "augmentation", "sam"]
 FIGURES = {(d, m, bn): 20 + 4 * i + 2 * j + int(bn) for i, d in enumerate(("cifar10", "cifar100"))
            for j, m in enumerate(("vgg11", "resnet18")) for bn in (False, True)}
 METRIC_LABELS = {"gap": "generalisation gap", "sharpness": "sharpness",
                  "gauss_newton": "Gauss-Newton norm", "jacobian": "Jacobian norm (softmax)",
-                 "train_loss": "training loss", "test_accuracy": "validation accuracy"}
+                 "train_loss": "training loss", "test_accuracy": "validation accuracy",
+                 "weight_norm": "weight norm ||w||"}
 RUN_KEYS = ("dataset", "model", "batch_norm", "lr", "weight_decay", "smoothing", "mixup_beta",
-            "augment_p", "sam_rho", "trial")
+            "augment_p", "sam_rho", "jacobian_penalty", "trial")
 BATCH_NORM = {"with": True, "without": False}
 
 
@@ -82,8 +98,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-norm", nargs="+", default=["without", "with"],
                         choices=list(BATCH_NORM),
                         help="networks with and/or without BatchNorm (a figure each)")
-    parser.add_argument("--sweeps", nargs="+", default=list(SWEEPS), choices=list(SWEEPS),
-                        help="regularisers to sweep (a figure row each)")
+    parser.add_argument("--sweeps", nargs="+", default=PAPER_SWEEPS, choices=list(SWEEPS),
+                        help="regularisers to sweep (a figure row each); 'jacobian' (not in the "
+                             "paper) is swept only when named")
     parser.add_argument("--lrs", nargs="+", type=common.finite_float, default=[0.1, 0.01],
                         help="initial learning rates (a line style each)")
     parser.add_argument("--weight-decay", type=common.finite_float, default=5e-4,
@@ -101,6 +118,9 @@ def parse_args(argv=None):
                         help="probabilities of augmenting an image (crop and flip)")
     parser.add_argument("--sam-rhos", nargs="+", type=common.finite_float,
                         default=[0.0, 0.01, 0.02, 0.05, 0.1], help="SAM radii rho (0: plain SGD)")
+    parser.add_argument("--jacobian-penalties", nargs="+", type=common.finite_float,
+                        default=[0.0, 0.1, 0.3, 1.0],
+                        help="strengths lambda of the softmax-Jacobian penalty (0: none)")
     parser.add_argument("--epochs", type=int, default=90)
     parser.add_argument("--milestones", nargs="*", type=int, default=[50, 80],
                         help="epochs after which the learning rate is divided by 10")
@@ -113,7 +133,8 @@ def parse_args(argv=None):
     common.add_grid_flags(parser, measure_size=1000)
     smoke = dict(out="results/train_regularisers_smoke", datasets=["present"], models=["vgg11"], batch_norm=["with"],
                  lrs=[0.05], trials=1, weight_decays=[0.0, 5e-4], smoothings=[0.0, 0.2],
-                 mixup_betas=[0.0, 1.0], augment_ps=[0.0, 1.0], sam_rhos=[0.0, 0.05], epochs=2,
+                 mixup_betas=[0.0, 1.0], augment_ps=[0.0, 1.0], sam_rhos=[0.0, 0.05],
+                 sweeps=list(SWEEPS), jacobian_penalties=[0.0, 0.1], epochs=2,
                  milestones=[1], train_size=64, test_size=64, batch_size=32, width=0.125,
                  measure_size=16, eig_tol=3e-2, eig_max_iter=20)
     args = common.parse_with_smoke(parser, argv, smoke)
@@ -127,7 +148,7 @@ def validate(args):
                           "eig_max_iter")
     common.check(args.checkpoint_seconds >= 0,
                  f"--checkpoint-seconds must be non-negative, got {args.checkpoint_seconds}")
-    for name in ("weight_decay", "weight_decays", "mixup_betas", "sam_rhos"):
+    for name in ("weight_decay", "weight_decays", "mixup_betas", "sam_rhos", "jacobian_penalties"):
         values = getattr(args, name)
         values = values if isinstance(values, list) else [values]
         common.check(all(v >= 0 for v in values),
@@ -148,16 +169,26 @@ def validate(args):
 
 
 SWEPT_VALUES = {"weight_decay": "weight_decays", "label_smoothing": "smoothings",
-                "mixup": "mixup_betas", "augmentation": "augment_ps", "sam": "sam_rhos"}
+                "mixup": "mixup_betas", "augmentation": "augment_ps", "sam": "sam_rhos",
+                "jacobian": "jacobian_penalties"}
+
+
+def regularisers(args, key, value):
+    """The regulariser settings of a cell whose `key` is `value`, the others off; the Jacobian
+    penalty only where it is on (so lambda = 0 is the baseline cell itself)."""
+    settings = dict(weight_decay=args.weight_decay, smoothing=0.0, mixup_beta=None, augment_p=0.0,
+                    sam_rho=0.0)
+    if key != "jacobian_penalty" or value != 0:
+        settings[key] = value
+    return settings
 
 
 def sweep_cells(args, sweep, dataset, model, batch_norm):
     """The resolved configs of one sweep of one (data set, model, BN): value x lr x trial."""
     key = SWEEPS[sweep][0]
-    base = dict(weight_decay=args.weight_decay, smoothing=0.0, mixup_beta=None, augment_p=0.0,
-                sam_rho=0.0)
     return [dict(dataset=dataset, model=model, batch_norm=batch_norm, lr=cell["lr"],
-                 **{**base, key: cell["value"]}, trial=cell["trial"], seed=args.seed + cell["trial"],
+                 **regularisers(args, key, cell["value"]), trial=cell["trial"],
+                 seed=args.seed + cell["trial"],
                  epochs=args.epochs, milestones=list(args.milestones), batch_size=args.batch_size,
                  momentum=args.momentum, width=args.width, train_size=args.train_size, data_seed=args.seed,
                  test_size=args.test_size, measure_size=args.measure_size, eig_tol=args.eig_tol,
@@ -216,6 +247,17 @@ def regularised_batch(config, x, y, num_classes, generator):
     return x, y
 
 
+def jacobian_penalty(strength, generator):
+    """The penalty `train_step` adds to the loss: lambda times the random-projection estimate of
+    the softmax Jacobian's squared Frobenius norm (one projection per example, drawn from the
+    cell's generator); None when lambda is 0. The softmax, not the logits: the sweeps measure the
+    softmax Jacobian's spectral norm, which the Frobenius norm bounds (||J||_2 <= ||J||_F <=
+    sqrt(K - 1) ||J||_2), whereas the logits' Jacobian can grow while the softmax saturates."""
+    if strength == 0:
+        return None
+    return lambda outputs, inputs: strength * common.jacobian_penalty(outputs, inputs, generator)
+
+
 def train(config, args, data, device):
     """Trains one cell for its epochs (or resumes it, or skips it if saved); returns it."""
     run = common.Run(args.out, config, RUN_KEYS, checkpoint_seconds=args.checkpoint_seconds)
@@ -225,6 +267,7 @@ def train(config, args, data, device):
     optimizer = common.sgd(model, config["lr"], config["momentum"], config["weight_decay"])
     loss_fn = common.cross_entropy(config["smoothing"])
     generator = torch.Generator().manual_seed(config["seed"])
+    penalty = jacobian_penalty(config.get("jacobian_penalty", 0.0), generator)
     state = run.begin(device)
     epoch, elapsed = 0, 0.0
     if state:
@@ -242,7 +285,8 @@ def train(config, args, data, device):
             idx = idx.to(device)
             x, y = regularised_batch(config, data.x_train[idx], data.y_train[idx], data.num_classes,
                                      generator)
-            loss, _ = common.train_step(model, optimizer, loss_fn, x, y, rho=config["sam_rho"])
+            loss, _ = common.train_step(model, optimizer, loss_fn, x, y, rho=config["sam_rho"],
+                                        penalty=penalty)
             if not math.isfinite(loss):
                 run.log(epoch, batch_loss=loss, lr=learning_rate(config, epoch))
                 run.finish("diverged", epoch=epoch)
@@ -269,6 +313,16 @@ def train(config, args, data, device):
 # ----------------------------------------------------------------------------- plotting
 
 
+def symlog_axis(ax, values):
+    """An x axis linear up to the smallest positive value and logarithmic above it, ticked at the
+    values: penalties spanning decades, 0 included."""
+    values = sorted(set(values))
+    positive = [v for v in values if v > 0]
+    if positive:
+        ax.set_xscale("symlog", linthresh=positive[0])
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+
+
 def plot(args, out):
     """Per (data set, model, BN): a row per sweep, a column per metric, a line style per initial
     learning rate; and the Kendall correlations of every sweep."""
@@ -276,6 +330,8 @@ def plot(args, out):
     groups = {}
     for (dataset, model, bn, sweep), cells in sweeps(args).items():
         runs = common.load_saved(out, cells, RUN_KEYS)
+        for r in runs:  # the penalty's key is absent where it is off
+            r["config"].setdefault("jacobian_penalty", 0.0)
         if runs:
             groups.setdefault((dataset, model, bn), []).append((sweep, runs))
     for (dataset, model, bn), rows in groups.items():
@@ -287,6 +343,8 @@ def plot(args, out):
                 runs, against=("jacobian", "sharpness", "gauss_newton"), within="lr")
             for ax, (metric, label) in zip(row, METRIC_LABELS.items()):
                 common.plot_sweep(ax, runs, key, "lr", metric, style_label="initial lr")
+                if sweep == "jacobian":
+                    symlog_axis(ax, [r["config"][key] for r in runs])
                 ax.set_xlabel(xlabel)
                 ax.set_ylabel(label)
             row[0].set_title(f"τ(gap, Jac) = {tau['tau_gap_jacobian']:.2f}, "
@@ -295,7 +353,7 @@ def plot(args, out):
         trials = max(len({r["config"]["trial"] for r in runs}) for _, runs in rows)
         reduced = not (args.width == 1 and args.train_size is None)
         fig.suptitle(f"{model} {'with' if bn else 'without'} BN on {common.dataset_label(dataset)}"
-                     f", {common.scale_label(args, reduced)}: end of training, "
+                     f", {common.scale_label(args, reduced)}: end of training ({args.epochs} epochs), "
                      f"mean ± std over {trials} trials (τ: Kendall, over cells)")
         number = FIGURES.get((dataset.removeprefix("synthetic-"), model, bn))
         stem = f"fig{number}_{name}" if number else name

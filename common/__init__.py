@@ -7,10 +7,12 @@ Where each name lives:
                 Self-contained (torch and the standard library): copy the file.
   data          DATASETS, Data, load_data, load_arrays, subset_indices, standardisation stats.
   models        MLP (ReLU / tanh / Gaussian), VGG11, ResNet18, MODELS, build_model.
-  training      losses, ghost_batch_gradient, train_step (GD, SGD, SAM), evaluate, augment, mixup.
+  training      losses, ghost_batch_gradient, train_step (GD, SGD, SAM), evaluate, augment, mixup,
+                jacobian_penalty.
   measurements  progressive_sharpening_metrics (Figs 1, 6-11, 28-29) with step_curvature and
                 realised_curvature (curvature along the top eigenvector), end_of_training_metrics
-                (Figs 2-5, 12-27), bn_mode_jacobian_norms (Theorem A.1), excess_loss.
+                (Figs 2-5, 12-27), bn_mode_jacobian_norms (Theorem A.1), excess_loss,
+                weight_norm.
   runs          Run directories, atomic JSON/torch saving, checkpoints, loading saved runs.
   distributed   torchrun start-up (init_from_env), rank, world_size, is_main, barrier, share of
                 the ghost batches, the sums of a data-parallel step (gradients, BN statistics).
@@ -34,7 +36,7 @@ from .estimators import (BN_TYPES, DROPOUT_TYPES, ConvergenceWarning, EigenResul
 from .measurements import (bn_mode_jacobian_norms, eigenvalue_with_convergence,
                            end_of_training_metrics, excess_loss, measurement_batches,
                            output_norm, progressive_sharpening_metrics, realised_curvature,
-                           recorded_convergence, step_curvature)
+                           recorded_convergence, step_curvature, weight_norm)
 from .models import (ACTIVATIONS, INITS, MLP, MODELS, VGG11, VGG11_CONFIG, BasicBlock, Gaussian,
                      ResNet18, build_model)
 from .plotting import (LINESTYLES, mean_std, new_figure, plot_band, plot_runs,
@@ -45,4 +47,4 @@ from .runs import (DamagedRun, Run, atomic_write, config_hash, load_json, load_r
 from .sweeps import (add_grid_flags, check_grid_index, grid, kendall_tau, print_grid,
                      selected_cells, sweep_correlations, unique_configs)
 from .training import (augment, cross_entropy, evaluate, ghost_batch_gradient, index_chunks,
-                       label_entropy, mixup, sgd, shuffled_batches, train_step)
+                       jacobian_penalty, label_entropy, mixup, sgd, shuffled_batches, train_step)

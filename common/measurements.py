@@ -37,6 +37,14 @@ def output_norm(model, x, batch_size=None):
     return math.sqrt(total)
 
 
+@torch.no_grad()
+def weight_norm(model):
+    """Euclidean norm ||w||_2 of all trainable parameters (BN's affine ones included): the vector
+    that weight decay shrinks (`common.sgd` decays every parameter)."""
+    return math.sqrt(sum(p.double().square().sum().item() for p in model.parameters()
+                         if p.requires_grad))
+
+
 @contextlib.contextmanager
 def recorded_convergence():
     """Silences the estimators' ConvergenceWarning: the measurements below record
@@ -241,6 +249,7 @@ def end_of_training_metrics(model, loss_fn, data, seed, *, measure_size, ghost_b
     (the model's seed): sharpness (and the Gauss-Newton norm if asked) of `loss_fn` with BN in
     train mode over ghost batches of `ghost_batch_size`, and the softmax Jacobian norm in eval
     mode. Whole-split losses are evaluated in chunks of `batch_size` (memory only).
+    weight_norm: Euclidean norm of the trainable parameters (`weight_norm`).
 
     Returns:
         dict of floats.
@@ -251,7 +260,8 @@ def end_of_training_metrics(model, loss_fn, data, seed, *, measure_size, ghost_b
     x, y = data.x_train[idx], data.y_train[idx]  # (M, C, H, W), (M,)
     batches = [(x[s], y[s]) for s in index_chunks(len(x), ghost_batch_size)]
     out = dict(train_loss=train_loss, test_loss=test_loss, gap=abs(test_loss - train_loss),
-               train_accuracy=train_accuracy, test_accuracy=test_accuracy)
+               train_accuracy=train_accuracy, test_accuracy=test_accuracy,
+               weight_norm=weight_norm(model))
     if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
         return out
     out.update(eigenvalue_with_convergence(sharpness, "sharpness", model, loss_fn, batches,

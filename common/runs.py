@@ -75,10 +75,12 @@ def config_hash(config):
 def run_name(config, keys):
     """Directory name of a run: the `keys` settings readable, then a hash of the whole config,
     e.g. "activation=relu_scale=0.5_trial=0-3f2a9c1e". Two configs differing anywhere (say a
-    smoke run and the paper's run) never share a directory."""
+    smoke run and the paper's run) never share a directory. Keys absent from the config are
+    left out: a setting added to a script after runs were saved, absent while off, leaves those
+    runs' names (and hashes) as they were."""
     def fmt(v):
         return f"{v:g}" if isinstance(v, float) else str(v)
-    readable = "_".join(f"{k}={fmt(config[k])}" for k in keys)
+    readable = "_".join(f"{k}={fmt(config[k])}" for k in keys if k in config)
     # "+" is kept: 1e+06 and 1e-06 must not share a name.
     readable = "".join(c if c.isalnum() or c in "=._+-" else "-" for c in readable)
     return f"{readable}-{config_hash(config)}"

@@ -39,12 +39,16 @@ def index_chunks(n, size=None):
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def ghost_batch_gradient(model, loss_fn, x, y, ghost_batch_size=None, process_group=None):
+def ghost_batch_gradient(model, loss_fn, x, y, ghost_batch_size=None, process_group=None,
+                         penalty=None):
     """Accumulates into `.grad` the gradient of the mean loss over all of (x, y).
 
         grad (1/N) sum_i l_i = sum_k (n_k / N) grad mean_{i in ghost batch k} l_i
 
-    so each ghost batch's mean loss is weighted by its size. The model keeps its mode: in train
+    so each ghost batch's mean loss is weighted by its size. With `penalty`, a callable
+    (outputs (n, K), inputs (n, ...)) -> scalar tensor, each ghost batch's loss is
+    loss_fn + penalty, the inputs a leaf that requires grad (so the penalty can differentiate
+    the outputs with respect to them) and the returned loss includes it. The model keeps its mode: in train
     mode a BN net normalises each ghost batch with its own statistics [Cohen et al. 2021].
     With a torch.distributed `process_group` every rank holds all of (x, y), computes its share
     of the ghost batches (`distributed.share`) and gets the sums over the ranks: gradient,
@@ -61,8 +65,11 @@ def ghost_batch_gradient(model, loss_fn, x, y, ghost_batch_size=None, process_gr
     with (contextlib.nullcontext() if process_group is None else
           distributed.shared_bn_statistics(model, start, stop, len(chunks), process_group)):
         for s in chunks[start:stop]:
-            outputs = model(x[s])
+            inputs = x[s] if penalty is None else x[s].detach().requires_grad_(True)
+            outputs = model(inputs)
             loss = loss_fn(outputs, y[s])
+            if penalty is not None:
+                loss = loss + penalty(outputs, inputs)
             (loss * ((s.stop - s.start) / n)).backward()
             total_loss += loss.item() * (s.stop - s.start)
             if not y.is_floating_point():
@@ -96,7 +103,7 @@ def sgd(model, lr, momentum=0.0, weight_decay=0.0):
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def train_step(model, optimizer, loss_fn, x, y, *, ghost_batch_size=None, rho=0.0):
+def train_step(model, optimizer, loss_fn, x, y, *, ghost_batch_size=None, rho=0.0, penalty=None):
     """One optimiser step on the mean loss over (x, y), the model in train mode.
 
     (x, y) is the whole training set for full-batch gradient descent, or one minibatch for
@@ -110,14 +117,16 @@ def train_step(model, optimizer, loss_fn, x, y, *, ghost_batch_size=None, rho=0.
     perturbed pass leaves BN running statistics alone (they track w, not w + e). The step is
     skipped when the loss is not finite; the forward pass has then already put that batch's
     (non-finite) statistics into BN's running statistics, which is why every script records
-    such a run as diverged and stops it.
+    such a run as diverged and stops it. `penalty` (see `ghost_batch_gradient`, e.g. a multiple
+    of `jacobian_penalty`) is added to the loss of every pass, the perturbed one included.
 
     Returns:
-        (loss at w, accuracy at w) as floats; accuracy is None for probability targets.
+        (loss at w, accuracy at w) as floats (the loss with the penalty); accuracy is None for
+        probability targets.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss, accuracy = ghost_batch_gradient(model, loss_fn, x, y, ghost_batch_size)
+    loss, accuracy = ghost_batch_gradient(model, loss_fn, x, y, ghost_batch_size, penalty=penalty)
     if not math.isfinite(loss):
         return loss, accuracy
     if rho > 0:
@@ -130,12 +139,47 @@ def train_step(model, optimizer, loss_fn, x, y, *, ghost_batch_size=None, rho=0.
                 p.add_(e)
         optimizer.zero_grad(set_to_none=True)
         with _frozen_bn_statistics(model):
-            ghost_batch_gradient(model, loss_fn, x, y, ghost_batch_size)
+            ghost_batch_gradient(model, loss_fn, x, y, ghost_batch_size, penalty=penalty)
         with torch.no_grad():
             for p, e in zip(params, shifts):
                 p.sub_(e)
     optimizer.step()
     return loss, accuracy
+
+
+def jacobian_penalty(outputs, inputs, generator, *, softmax=True, projections=1):
+    """Random-projection estimate of the mean squared Frobenius norm of the input-output
+    Jacobian [Hoffman et al. 2019], differentiable (double backward) for use as a regulariser:
+
+        penalty = (K / P) sum_p (1/N) ||d (sum_i u_pi . g_i) / dX||^2,   g_i = softmax(outputs_i)
+
+    with u_pi drawn uniformly from the unit sphere of R^K. E[u u^T] = I / K, so for independent
+    examples (eval mode, or no BN) E[penalty] = (1/N) sum_i ||J_i||_F^2, J_i = d g_i / d x_i
+    (K x D). In train mode BN couples the examples and the expectation also counts the small
+    cross terms d g_i / d x_j (the squared Frobenius norm of d g(X) / dX, over N).
+
+    Args:
+        outputs: (N, K) logits computed from `inputs` with the graph kept.
+        inputs: (N, ...) tensor that requires grad. generator: CPU torch.Generator (draws: one
+            (N, K) standard normal per projection). softmax: g is the softmax (else the logits).
+        projections: P, the number of random directions.
+    Returns:
+        scalar tensor whose gradient reaches the parameters.
+    """
+    if outputs.dim() != 2:
+        raise ValueError(f"jacobian_penalty: outputs must be (N, K), got shape {tuple(outputs.shape)}")
+    if not inputs.requires_grad:
+        raise ValueError("jacobian_penalty: inputs must require grad")
+    n, k = outputs.shape
+    g = torch.softmax(outputs, dim=1) if softmax else outputs  # (N, K)
+    total = 0.0
+    for p in range(projections):
+        u = torch.randn(n, k, generator=generator)
+        u = (u / torch.linalg.vector_norm(u, dim=1, keepdim=True)).to(g.device, g.dtype)  # (N, K)
+        (grad,) = torch.autograd.grad((g * u).sum(), inputs, create_graph=True,
+                                      retain_graph=True)  # (N, ...)
+        total = total + grad.square().sum()
+    return total * (k / (projections * n))
 
 
 def shuffled_batches(n, batch_size, generator, drop_last=False):

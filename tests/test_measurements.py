@@ -117,6 +117,8 @@ def test_end_of_training_metrics_match_dense_references(trained):
     assert got["test_loss"] == pytest.approx(test[0], rel=1e-12)
     assert (got["train_accuracy"], got["test_accuracy"]) == (train[1], test[1])
     assert got["gap"] == pytest.approx(abs(test[0] - train[0]), rel=1e-12)
+    weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    assert got["weight_norm"] == pytest.approx(torch.linalg.vector_norm(weights).item(), rel=1e-12)
     # curvature on the 9 examples drawn with the seed, BN in train mode per ghost batch of 3
     idx = drawn_subset(20, 9, 7)
     x, y = data.x_train[idx], data.y_train[idx]
@@ -158,7 +160,8 @@ def test_end_of_training_metrics_of_a_diverged_model_stop_at_the_losses(trained)
     got = common.end_of_training_metrics(broken, SMOOTH, data, seed=7, measure_size=6,
                                          ghost_batch_size=3)
     assert not math.isfinite(got["train_loss"])
-    assert set(got) == {"train_loss", "test_loss", "gap", "train_accuracy", "test_accuracy"}
+    assert set(got) == {"train_loss", "test_loss", "gap", "train_accuracy", "test_accuracy",
+                        "weight_norm"}
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -168,6 +168,88 @@ def test_train_step_is_skipped_when_the_loss_is_not_finite(rho, bad):
     assert not torch.equal(model.state_dict()["1.weight"], before["1.weight"])
 
 
+# ----------------------------------------------------------------------------- Jacobian penalty
+
+
+def exact_squared_frobenius(model, x, softmax=True):
+    """(1/N) sum_i ||d g(x_i) / d x_i||_F^2 from torch.func.jacrev, example by example."""
+    def g(xi):
+        out = model(xi[None])[0]  # (K,)
+        return torch.softmax(out, 0) if softmax else out
+    return torch.stack([torch.func.jacrev(g)(xi).square().sum() for xi in x]).mean()
+
+
+def penalty_draws(model, x, draws, softmax=True, seed=0):
+    """`draws` independent one-projection estimates, (draws,) float64."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = x.detach().requires_grad_(True)
+    outputs = model(inputs)
+    return torch.tensor([common.jacobian_penalty(outputs, inputs, generator, softmax=softmax).item()
+                         for _ in range(draws)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("softmax", [True, False])
+def test_jacobian_penalty_is_unbiased_for_the_squared_frobenius_norm(softmax):
+    model, x = small_net(4, batch_norm=False), torch.randn(3, 12, dtype=torch.float64)
+    exact = exact_squared_frobenius(model, x, softmax).item()
+    values = penalty_draws(model, x, 2000, softmax)
+    standard_error = values.std().item() / math.sqrt(len(values))
+    assert values.std() > 0.05 * exact  # a random estimate, not the exact value
+    assert abs(values.mean().item() - exact) < 4 * standard_error
+    # the K / P scaling matters: without the factor K = 3 the mean would be exact / 3
+    assert abs(values.mean().item() / 3 - exact) > 20 * standard_error
+
+
+def test_jacobian_penalty_gradient_is_unbiased_for_the_exact_gradient():
+    """create_graph=True: the parameters get the (expected) gradient of ||J||_F^2."""
+    model, x = small_net(5, batch_norm=False), torch.randn(3, 12, dtype=torch.float64)
+    exact = torch.autograd.grad(exact_squared_frobenius(model, x), list(model.parameters()))
+    draws = 1500
+    generator = torch.Generator().manual_seed(1)
+    samples = []
+    for _ in range(draws):
+        inputs = x.detach().requires_grad_(True)
+        penalty = common.jacobian_penalty(model(inputs), inputs, generator)
+        grads = torch.autograd.grad(penalty, list(model.parameters()))
+        samples.append(torch.cat([g.reshape(-1) for g in grads]))
+    samples = torch.stack(samples)  # (draws, number of parameters)
+    exact = torch.cat([g.reshape(-1) for g in exact])
+    error = torch.linalg.vector_norm(samples.mean(0) - exact)
+    expected_error = torch.sqrt((samples.var(0) / draws).sum())  # E ||mean - exact||^2, summed
+    assert torch.linalg.vector_norm(exact) > 10 * expected_error  # the test can tell
+    assert error < 3 * expected_error
+
+
+def test_jacobian_penalty_draws_from_the_generator_and_checks_its_inputs():
+    model, x = small_net(6, batch_norm=False), torch.randn(4, 12, dtype=torch.float64)
+    inputs = x.clone().requires_grad_(True)
+    a = common.jacobian_penalty(model(inputs), inputs, torch.Generator().manual_seed(7))
+    b = common.jacobian_penalty(model(inputs), inputs, torch.Generator().manual_seed(7))
+    c = common.jacobian_penalty(model(inputs), inputs, torch.Generator().manual_seed(8))
+    assert a.item() == b.item() != c.item()
+    with pytest.raises(ValueError, match="inputs must require grad"):
+        common.jacobian_penalty(model(x), x, torch.Generator())
+    with pytest.raises(ValueError, match="outputs must be"):
+        common.jacobian_penalty(model(inputs)[:, 0], inputs, torch.Generator())
+
+
+def test_train_step_with_a_jacobian_penalty_lowers_the_jacobian():
+    """The intervention works on a small net: full-batch steps on CE + lambda penalty end with a
+    smaller softmax Jacobian than steps on CE alone, from the same start."""
+    x, y = torch.randn(32, 12, dtype=torch.float64), torch.randint(0, 3, (32,))
+    norms = {}
+    for strength in (0.0, 1.0):
+        model, generator = small_net(7, batch_norm=False), torch.Generator().manual_seed(0)
+        penalty = None if strength == 0 else (
+            lambda out, inputs: strength * common.jacobian_penalty(out, inputs, generator))
+        optimizer = common.sgd(model, 0.5)
+        for _ in range(100):
+            loss, _ = common.train_step(model, optimizer, common.cross_entropy(), x, y,
+                                        penalty=penalty)
+        norms[strength] = exact_squared_frobenius(model, x).item()
+    assert norms[1.0] < 0.5 * norms[0.0]
+
+
 def test_shuffled_batches_cover_every_index_once():
     batches = common.shuffled_batches(10, 4, torch.Generator().manual_seed(0))
     assert [len(b) for b in batches] == [4, 4, 2]

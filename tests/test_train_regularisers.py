@@ -2,8 +2,10 @@
 import json
 
 import math
+from pathlib import Path
 
 import pytest
+import torch
 
 import common
 from conftest import REPO
@@ -28,14 +30,14 @@ def test_smoke_run_covers_every_sweep_with_shared_baselines(tmp_path, capsys):
     tr.main(tr.parse_args(["--smoke", "--datasets", "synthetic-cifar10", "--out", str(tmp_path),
                            "--no-progress"]))
     printed = capsys.readouterr().out
-    assert "7 of 7 cells finished" in printed  # 10 sweep points, the baseline shared by 4 sweeps
+    assert "8 of 8 cells finished" in printed  # 12 sweep points, the baseline shared by 5 sweeps
     cells = results(tmp_path)
-    assert len(cells) == 7
+    assert len(cells) == 8
     for r in cells.values():
         assert r["status"] == "finished"
         assert r["gap"] == pytest.approx(abs(r["test_loss"] - r["train_loss"]), abs=1e-12)
         assert r["train_loss"] > 0 and r["test_loss"] > 0
-        for key in ("sharpness", "gauss_newton", "jacobian"):
+        for key in ("sharpness", "gauss_newton", "jacobian", "weight_norm"):
             assert math.isfinite(r[key]) and r[key] > 0, key
         # Gauss-Newton norm and sharpness are both top eigenvalues of (close) curvature
         # matrices on the same examples: the same order of magnitude
@@ -62,6 +64,53 @@ def test_list_grid_counts_distinct_cells(capsys):
     assert len(set(names)) == len(names)
 
 
+@pytest.mark.slow
+def test_list_grid_lists_the_jacobian_penalty_axis_with_the_shared_baseline(capsys):
+    tr.main(tr.parse_args(["--list-grid", "--datasets", "cifar10", "--models", "vgg11",
+                           "--batch-norm", "with", "--lrs", "0.1", "--trials", "1",
+                           "--sweeps", "weight_decay", "jacobian",
+                           "--jacobian-penalties", "0", "0.1", "1"]))
+    lines = capsys.readouterr().out.strip().splitlines()
+    names = [line.split("\t")[1] for line in lines[:-1]]
+    # 4 weight decays + 3 penalties, lambda = 0 being the weight-decay sweep's 5e-4 cell
+    assert lines[-1] == "# 6 cells" and len(names) == 6
+    penalised = [n for n in names if "jacobian_penalty=" in n]
+    assert [n.split("jacobian_penalty=")[1].split("_")[0] for n in penalised] == ["0.1", "1"]
+    assert all("weight_decay=0.0005_" in n and "sam_rho=0_jacobian" in n for n in penalised)
+    # the paper's grid does not change: the axis is swept only when named
+    assert "jacobian" not in tr.parse_args(["--list-grid"]).sweeps
+
+
+@pytest.mark.slow
+def test_jacobian_penalty_sweep_records_the_metrics_and_is_the_baseline_at_zero(tmp_path, capsys):
+    args = tr.parse_args(tiny(tmp_path, "--sweeps", "jacobian", "--jacobian-penalties", "0", "1"))
+    tr.main(args)
+    assert "2 of 2 cells finished" in capsys.readouterr().out
+    cells = results(tmp_path)
+    (baseline,) = [r for name, r in cells.items() if "jacobian_penalty" not in name]
+    (penalised,) = [r for name, r in cells.items() if "jacobian_penalty=1_" in name]
+    for r in (baseline, penalised):
+        assert r["status"] == "finished"
+        for key in ("gap", "jacobian", "sharpness", "gauss_newton", "weight_norm", "train_loss"):
+            assert math.isfinite(r[key]) and r[key] > 0, key
+        assert 0 <= r["train_accuracy"] <= 1
+    assert penalised["train_loss"] != baseline["train_loss"]  # the penalty was applied
+    tau = json.loads((tmp_path / "plots" / "correlations.json").read_text())
+    assert set(tau) == {"synthetic-cifar10_vgg11_bn_jacobian"} and tau["synthetic-cifar10_vgg11_bn_jacobian"]["n"] == 2
+    assert (tmp_path / "plots" / "fig21_synthetic-cifar10_vgg11_bn.png").exists()
+    # lambda = 0 written out trains exactly as the cell without the penalty (its own run folder)
+    (config,) = [c for c in tr.grid_cells(args) if "jacobian_penalty" not in c]
+    data = tr.load_cell_data(config, args, torch.device("cpu"))
+    zero = tr.train({**config, "jacobian_penalty": 0.0}, args, data, torch.device("cpu"))
+    assert Path(zero["dir"]).name not in cells
+    for key, value in baseline.items():
+        if not key.endswith("seconds") and key != "finished":
+            assert zero["result"][key] == value, key
+    (base_dir,) = [name for name in cells if "jacobian_penalty" not in name]
+    logged = json.loads((tmp_path / base_dir / "metrics.json").read_text())
+    assert [m["batch_loss"] for m in zero["metrics"]] == [m["batch_loss"] for m in logged]
+
+
 def test_learning_rate_schedule_divides_by_ten_at_milestones():
     config = {"lr": 0.1, "milestones": [50, 80]}
     assert [tr.learning_rate(config, e) for e in (0, 49, 50, 79, 80, 89)] == pytest.approx(
@@ -80,8 +129,9 @@ def test_grid_index_runs_one_cell_and_plot_only_merges(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
-    tr.main(tr.parse_args(tiny(tmp_path / "straight", "--epochs", "3", "--milestones", "2")))
+@pytest.mark.parametrize("sweep", [["--sweeps", "sam"], ["--sweeps", "jacobian", "--jacobian-penalties", "0.5"]])
+def test_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch, sweep):
+    tr.main(tr.parse_args(tiny(tmp_path / "straight", "--epochs", "3", "--milestones", "2", *sweep)))
     real_checkpoint = common.Run.checkpoint
 
     def checkpoint_then_die(self, state, force=False):
@@ -89,7 +139,8 @@ def test_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
         raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
     monkeypatch.setattr(common.Run, "checkpoint", checkpoint_then_die)
-    args = tiny(tmp_path / "killed", "--epochs", "3", "--milestones", "2", "--checkpoint-seconds", "1e-9")
+    args = tiny(tmp_path / "killed", "--epochs", "3", "--milestones", "2", "--checkpoint-seconds", "1e-9",
+                *sweep)
     with pytest.raises(KeyboardInterrupt):
         tr.main(tr.parse_args(args))
     monkeypatch.setattr(common.Run, "checkpoint", real_checkpoint)
@@ -132,6 +183,7 @@ def test_cifar100_mixup_and_augmentation_on_synthetic_data(tmp_path):
     (["--smoothings", "1.5"], "--smoothings must lie in [0, 1]"),
     (["--augment-ps", "-0.1"], "--augment-ps must lie in [0, 1]"),
     (["--sam-rhos", "-1"], "--sam-rhos must be non-negative"),
+    (["--jacobian-penalties", "-1"], "--jacobian-penalties must be non-negative"),
     (["--milestones", "5"], "--milestones must lie in [1, --epochs]"),
     (["--grid-index", "-1"], "--grid-index must lie in [0, 0]"),
     (["--sweeps", "dropout"], "invalid choice"),
