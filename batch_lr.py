@@ -87,6 +87,7 @@ def parse_args(argv=None):
                         help="train on N training images drawn at random with --seed (default: all)")
     parser.add_argument("--test-size", type=int, default=None, help="test on N test images drawn at random with --seed (default: all)")
     common.add_grid_flags(parser, measure_size=2000)
+    common.add_plot_from_flag(parser)
     smoke = dict(out="results/batch_lr_smoke", datasets=["present"], models=["vgg11"], lrs=[0.1, 0.01], batch_sizes=[16, 32],
                  trials=1, train_size=64, test_size=64, measure_size=16, width=0.125, eval_every=4,
                  window=2, max_iterations=8, eig_tol=3e-2, eig_max_iter=20)
@@ -305,6 +306,7 @@ def train_pending(args, cells):
 
 
 def main(args):
+    common.unpack_plot_from(args)
     cells = grid_cells(args)
     if args.list_grid:
         common.print_grid(cells, RUN_KEYS)

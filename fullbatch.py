@@ -106,6 +106,7 @@ def parse_args(argv=None):
                         help="at the last iteration, also take the softmax Jacobian of 16 "
                              "measurement images with BN in train mode in batches of these sizes, "
                              "beside eval mode (Theorem A.1; figA1_bn_modes)")
+    common.add_plot_from_flag(parser)
     # --smoke: tiny sizes on synthetic data, in their own folder; options given explicitly win
     smoke = dict(out="results/fullbatch_smoke", dataset="present", models=["vgg11"],
                  lrs=[0.08], trials=2, width=0.0625, train_size=64, ghost_batch_size=32,
@@ -367,18 +368,19 @@ def plot(args, runs):
 def bn_modes_figure(runs):
     """Theorem A.1 on the trained models: the relative difference between each sample's
     train-mode (batch statistics) and eval-mode softmax Jacobian norm against the batch size,
-    a marker per run, a colour per smoothing."""
-    fig, axes = common.new_figure(1, 2)
+    a line per run: a colour and line style per smoothing, a marker per trial."""
+    fig, axes = common.new_figure(1, 2, panel_size=(4.2, 3.4))
     smoothings = sorted({r["config"]["smoothing"] for r in runs})
-    for r in runs:
+    trials = sorted({r["config"]["trial"] for r in runs})
+    for r in sorted(runs, key=lambda r: (r["config"]["smoothing"], r["config"]["trial"])):
         checks = r["result"]["bn_jacobian"]
         sizes = sorted(int(b) for b in checks if b != "eval")
         color = f"C{smoothings.index(r['config']['smoothing'])}"
         for ax, key in zip(axes[0], ("max_relative_difference", "relative_difference_of_max")):
-            ax.plot(sizes, [checks[str(b)][key] for b in sizes], marker="o", color=color,
+            ax.plot(sizes, [checks[str(b)][key] for b in sizes], color=color,
+                    marker="osD^v<>"[trials.index(r["config"]["trial"]) % 7], markersize=5,
                     linestyle=common.LINESTYLES[smoothings.index(r["config"]["smoothing"])],
-                    label=f"smoothing {r['config']['smoothing']:g}, {r['config']['model']} "
-                          f"lr {r['config']['lr']:g}, trial {r['config']['trial']}")
+                    label=f"smoothing {r['config']['smoothing']:g}, trial {r['config']['trial']}")
     for ax, title in zip(axes[0], ("max over samples of |train - eval| / eval",
                                    "|max train - max eval| / max eval")):
         ax.set_xscale("log")
@@ -387,8 +389,13 @@ def bn_modes_figure(runs):
         ax.set_ylabel("relative difference")
         ax.set_title(title, fontsize="small")
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize="xx-small")
-    fig.suptitle("Theorem A.1: softmax Jacobian norm, BN train mode vs eval mode (16 samples)")
+    axes[0, 0].legend(fontsize="x-small")
+    c = runs[0]["config"]
+    lrs = ", ".join(f"{lr:g}" for lr in sorted({r["config"]["lr"] for r in runs}))
+    scale = (f"{c['model']}, width {c['width']:g}, {c['train_size'] or 50000} training images, "
+             f"ghost batches of {c['ghost_batch_size']}, full-batch GD at lr {lrs}")
+    fig.suptitle(f"Theorem A.1: softmax Jacobian norm, BN train mode vs eval mode (16 samples)\n"
+                 f"{scale}, {common.dataset_label(c['dataset'])}")
     return fig
 
 
@@ -396,6 +403,7 @@ def bn_modes_figure(runs):
 
 
 def main(args):
+    common.unpack_plot_from(args)
     check_unsmoothed_saved(args)
     if not args.plot_only:
         group, device = common.init_from_env(common.resolve_device(args.device))

@@ -125,6 +125,8 @@ def parse_args(argv=None):
     a("--lip-pairs", type=int, default=50000, help="point pairs for Lip(Jf) and Lip(g)")
     a("--test-functions", type=int, default=64, help="random 1-Lipschitz functions for C")
     a("--eig-tol", type=common.finite_float, default=1e-4, help="relative tolerance of sharpness")
+    a("--plot-summary", metavar="SUMMARY_JSON", default=None,
+      help="only redraw thm46, from a saved theory_summary.json (e.g. plots/theory/)")
     smoke = dict(out="results/theory_smoke", trials=1, tasks=["classification"],
                  distributions=["immersion"], train_size=64, test_size=2000, width=16,
                  steps=60, smoothings=[0.2], weight_decays=[0.1], widths=[8], step_variants=[20],
@@ -748,30 +750,46 @@ def plot_thm45(runs, stem):
     return common.save_figure(fig, stem, dpi=150)
 
 
-def plot_thm46(runs, summary, stem):
-    """Per (task, distribution) row: gap against the paper's Jacobian norm, against sharpness and
-    against the max logit-Jacobian the bound uses, coloured by the factor the run varies."""
+def plot_thm46(summary, stem):
+    """Per (task, distribution) row, from the summary alone: the gap against the paper's
+    Jacobian norm (classification: also the logit Jacobian the bound uses, hollow), against
+    sharpness, and the eps at which Eq. (10) stops being vacuous against the measured gap;
+    coloured by the factor the run varies."""
     from matplotlib.ticker import NullFormatter
     groups = summary["groups"]
-    fig, axes = common.new_figure(len(groups), 3, panel_size=(3.9, 3.0))
-    panels = (("jacobian", "tau_gap_jacobian"), ("sharpness", "tau_gap_sharpness"),
-              ("max_jf_train", "tau_gap_max_jf"))
-    for g, row in zip(groups, axes):
-        mine = group(runs, g["task"], g["distribution"])
+    fig, axes = common.new_figure(len(groups), 3, panel_size=(4.3, 3.0))
+    for g, (ax_j, ax_s, ax_b) in zip(groups, axes):
         softmax = g["task"] == "classification"
-        labels = {"jacobian": f"max-sample Jacobian norm ({'softmax' if softmax else 'raw output'})",
-                  "sharpness": "sharpness",
-                  "max_jf_train": f"max-sample Jacobian norm ({'logits' if softmax else 'raw output'})"}
-        for ax, (key, tau) in zip(row, panels):
-            for variant, color in VARIANT_COLORS.items():
-                pts = [(r["result"][key], r["result"]["gap"]) for r in mine if r["config"]["variant"] == variant]
-                if pts:
-                    ax.scatter(*zip(*pts), color=color, s=14, label=variant)
-            ax.set(xscale="log", yscale="log", xlabel=labels[key], ylabel="|train - test| loss")
-            ax.set_title(f"{g['task']}/{g['distribution']}: tau = {g[tau]:.2f} (n={g['n']})", fontsize="medium")
+        for variant, color in VARIANT_COLORS.items():
+            mine = [r for r in g["runs"] if r["variant"] == variant]
+            if not mine:
+                continue
+            gap = [r["gap"] for r in mine]
+            ax_j.scatter([r["jacobian"] for r in mine], gap, color=color, s=14, label=variant)
+            if softmax:
+                ax_j.scatter([r["max_jf_train"] for r in mine], gap, facecolors="none", edgecolors=color, s=14)
+            ax_s.scatter([r["sharpness"] for r in mine], gap, color=color, s=14)
+            eps = [math.nan if r["bound"]["eps_nonvacuous"] is None else r["bound"]["eps_nonvacuous"] for r in mine]
+            ax_b.scatter(gap, eps, color=color, s=14)  # None: not found or inf, stored as JSON null
+        name, n = f"{g['task']}/{g['distribution']}", g["n"]
+        jac_title = (f"tau {g['tau_gap_jacobian']:.2f} softmax, {g['tau_gap_max_jf']:.2f} logits"
+                     if softmax else f"tau = {g['tau_gap_jacobian']:.2f}")
+        ax_j.set(xlabel="max-sample Jacobian norm" + (" (softmax; hollow: logits)" if softmax else " (raw output)"),
+                 title=f"{name}: {jac_title} (n={n})")
+        ax_s.set(xlabel="sharpness", title=f"{name}: tau = {g['tau_gap_sharpness']:.2f} (n={n})")
+        lo, hi = ax_b.get_xlim()
+        ax_b.plot([lo, hi], [lo, hi], "k:", linewidth=0.8, label="eps = measured gap")
+        ax_b.set(xlabel="|train - test| loss", ylabel="least eps with Eq. (10) non-vacuous",
+                 title=f"{name}: vacuous for {g['bound_vacuous']}/{n}")
+        for ax in (ax_j, ax_s, ax_b):
+            ax.set(xscale="log", yscale="log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # the log axis' minor labels overlap
+            ax.title.set_fontsize("medium")
             ax.grid(alpha=0.3)
-        row[0].legend(fontsize="x-small")
+        for ax in (ax_j, ax_s):
+            ax.set_ylabel("|train - test| loss")
+        ax_j.legend(fontsize="x-small")
+        ax_b.legend(fontsize="x-small")
     return common.save_figure(fig, stem, dpi=150)
 
 
@@ -785,6 +803,9 @@ def plot_ansatz(runs, summary, stem):
             _, s = common.metric_series(r, "sharpness")
             _, j = common.metric_series(r, "jacobian")
             ax1.plot(j, s, "-", color=VARIANT_COLORS[r["config"]["variant"]], alpha=0.5, linewidth=0.8, marker=".")
+        for variant, color in VARIANT_COLORS.items():  # the colour legend: the factor each run varies
+            ax1.plot([], [], "-", color=color, marker=".", label=variant)
+        ax1.legend(fontsize="x-small", title="run varies", title_fontsize="x-small")
         ax1.set(xscale="log", yscale="log", xlabel="Jacobian norm", ylabel="sharpness",
                 title=f"{g['task']}/{g['distribution']}: checkpoints")
         ax2.hist([row["ansatz_tau"] for row in g["runs"]], bins=np.linspace(-1, 1, 21), color="grey")
@@ -799,6 +820,16 @@ def plot_ansatz(runs, summary, stem):
 
 
 def main(args):
+    if args.plot_summary:  # thm46 needs only the summary: redraw it from a saved one
+        try:
+            summary = common.load_json(args.plot_summary)
+        except (OSError, ValueError):
+            summary = None
+        if not (isinstance(summary, dict) and "groups" in summary):
+            common.fail(f"--plot-summary {args.plot_summary}: not a theory_summary.json")
+        for path in plot_thm46(summary, f"{args.out}/plots/thm46"):
+            print(f"wrote {path}")
+        return
     configs, dconfigs = run_configs(args), data_configs(args)
     if not args.plot_only:
         threads = torch.get_num_threads()
@@ -816,7 +847,7 @@ def main(args):
     plots = f"{args.out}/plots"
     common.save_json(f"{plots}/theory_summary.json", summary)
     paths = [f"{plots}/theory_summary.json", write_table(summary, data_runs, f"{plots}/theory_table.md")]
-    paths += plot_thm45(runs, f"{plots}/thm45") + plot_thm46(runs, summary, f"{plots}/thm46")
+    paths += plot_thm45(runs, f"{plots}/thm45") + plot_thm46(summary, f"{plots}/thm46")
     paths += plot_ansatz(runs, summary, f"{plots}/ansatz")
     for path in paths:
         print(f"wrote {path}")

@@ -131,6 +131,12 @@ def parse_args(argv=None):
                         help="train on N training images drawn at random with --seed (default: all)")
     parser.add_argument("--test-size", type=int, default=None, help="test on N test images drawn at random with --seed (default: all)")
     common.add_grid_flags(parser, measure_size=1000)
+    common.add_plot_from_flag(parser)
+    parser.add_argument("--mixup-control", default="none", choices=list(MIXUP_CONTROLS),
+                        help="controls for mixup with beta = 0 (plots/README.md, mixup_beta0): "
+                             "resample_hard: mixup's resampled batches with integer labels; "
+                             "theta0_soft: the same random draws, theta = 0 (no resampling), "
+                             "soft one-hot targets")
     smoke = dict(out="results/train_regularisers_smoke", datasets=["present"], models=["vgg11"], batch_norm=["with"],
                  lrs=[0.05], trials=1, weight_decays=[0.0, 5e-4], smoothings=[0.0, 0.2],
                  mixup_betas=[0.0, 1.0], augment_ps=[0.0, 1.0], sam_rhos=[0.0, 0.05],
@@ -193,7 +199,8 @@ def sweep_cells(args, sweep, dataset, model, batch_norm):
                  momentum=args.momentum, width=args.width, train_size=args.train_size, data_seed=args.seed,
                  test_size=args.test_size, measure_size=args.measure_size, eig_tol=args.eig_tol,
                  eig_max_iter=args.eig_max_iter,
-                 standardise="channel")
+                 standardise="channel",
+                 **({"mixup_control": args.mixup_control} if args.mixup_control != "none" else {}))
             for cell in common.grid(value=getattr(args, SWEPT_VALUES[sweep]), lr=args.lrs,
                                     trial=list(range(args.trials)))]
 
@@ -243,7 +250,8 @@ def regularised_batch(config, x, y, num_classes, generator):
     if config["augment_p"] > 0:
         x = common.augment(x, config["augment_p"], generator)
     if config["mixup_beta"] is not None:
-        return common.mixup(x, y, config["mixup_beta"], num_classes, generator)
+        mixup = MIXUP_CONTROLS[config.get("mixup_control", "none")]
+        return mixup(x, y, config["mixup_beta"], num_classes, generator)
     return x, y
 
 
@@ -256,6 +264,24 @@ def jacobian_penalty(strength, generator):
     if strength == 0:
         return None
     return lambda outputs, inputs: strength * common.jacobian_penalty(outputs, inputs, generator)
+
+
+def mixup_resample_hard(x, labels, beta, num_classes, generator):
+    """Control: mixup's batch with integer labels, its soft targets' argmax (with beta = 0 each
+    example is itself or its partner, so this is the resampled batch, unmixed)."""
+    mixed, targets = common.mixup(x, labels, beta, num_classes, generator)
+    return mixed, targets.argmax(1)
+
+
+def mixup_theta0_soft(x, labels, beta, num_classes, generator):
+    """Control: mixup's random draws (so the generator moves on as in mixup), then theta = 0:
+    the batch itself with one-hot targets through the soft-target loss."""
+    common.mixup(x, labels, beta, num_classes, generator)
+    return x, torch.nn.functional.one_hot(labels, num_classes).to(x.dtype)
+
+
+MIXUP_CONTROLS = {"none": common.mixup, "resample_hard": mixup_resample_hard,
+                  "theta0_soft": mixup_theta0_soft}
 
 
 def train(config, args, data, device):
@@ -342,7 +368,8 @@ def plot(args, out):
             tau = correlations[f"{name}_{sweep}"] = common.sweep_correlations(
                 runs, against=("jacobian", "sharpness", "gauss_newton"), within="lr")
             for ax, (metric, label) in zip(row, METRIC_LABELS.items()):
-                common.plot_sweep(ax, runs, key, "lr", metric, style_label="initial lr")
+                common.plot_sweep(ax, runs, key, "lr", metric, style_label="initial lr",
+                                  log_y=sweep == "weight_decay" and metric != "test_accuracy")
                 if sweep == "jacobian":
                     symlog_axis(ax, [r["config"][key] for r in runs])
                 ax.set_xlabel(xlabel)
@@ -353,8 +380,8 @@ def plot(args, out):
         trials = max(len({r["config"]["trial"] for r in runs}) for _, runs in rows)
         reduced = not (args.width == 1 and args.train_size is None)
         fig.suptitle(f"{model} {'with' if bn else 'without'} BN on {common.dataset_label(dataset)}"
-                     f", {common.scale_label(args, reduced)}: end of training ({args.epochs} epochs), "
-                     f"mean ± std over {trials} trials (τ: Kendall, over cells)")
+                     f", {common.scale_label(args, reduced)}, {args.epochs} epochs of batch "
+                     f"{args.batch_size}:\nend of training, mean ± std over {trials} trials (τ: Kendall, over cells)")
         number = FIGURES.get((dataset.removeprefix("synthetic-"), model, bn))
         stem = f"fig{number}_{name}" if number else name
         paths += common.save_figure(fig, f"{out}/plots/{stem}",
@@ -379,6 +406,7 @@ def train_pending(args, cells):
 
 
 def main(args):
+    common.unpack_plot_from(args)
     cells = grid_cells(args)
     if args.list_grid:
         common.print_grid(cells, RUN_KEYS)

@@ -44,6 +44,8 @@ from .plotting import (LINESTYLES, mean_std, new_figure, plot_band, plot_runs,
 from .runs import (DamagedRun, Run, atomic_write, config_hash, load_json, load_run, load_saved,
                    metric_series, move_aside, pending_runs, restore_training_state, run_name,
                    save_json, save_runs_summary, save_torch, training_state)
+from .runs import unpack_runs_summary
+from .cli import add_plot_from_flag, unpack_plot_from
 from .sweeps import (add_grid_flags, check_grid_index, grid, kendall_tau, print_grid,
                      selected_cells, sweep_correlations, unique_configs)
 from .training import (augment, cross_entropy, evaluate, ghost_batch_gradient, index_chunks,

@@ -314,3 +314,25 @@ def run_main(main, parse_args):
     finally:
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, previous)
+
+
+def add_plot_from_flag(parser):
+    """--plot-from RUNS_JSON, for the scripts whose figures can be redrawn from a saved runs.json."""
+    parser.add_argument("--plot-from", metavar="RUNS_JSON", default=None,
+                        help="redraw the figures from a saved runs.json (e.g. a committed "
+                             "plots/**/*runs.json), given the flags of the command that made it: "
+                             "its runs are unpacked as run folders under --out (folders already "
+                             "there are kept), then plotted as with --plot-only")
+
+
+def unpack_plot_from(args):
+    """With --plot-from: unpacks its runs under --out and sets --plot-only; exits 2 with one
+    line if the file cannot be read or is not a runs summary."""
+    if getattr(args, "plot_from", None) is None:
+        return
+    try:
+        written = _runs.unpack_runs_summary(args.plot_from, args.out)
+    except (OSError, ValueError) as e:
+        fail(f"--plot-from {args.plot_from}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    args.plot_only = True
+    print(f"--plot-from: {written} runs unpacked from {args.plot_from} under {args.out}")

@@ -328,3 +328,29 @@ def metric_series(run, name):
     values = np.array([math.nan if m[name] is None else m[name] for m in rows], dtype=np.float64)
     return steps, values
 
+
+
+def unpack_runs_summary(path, out):
+    """Writes the runs of a saved runs summary (the runs.json of save_runs_summary, e.g. a
+    committed plots/**/*runs.json) as run folders under `out`: config.json, metrics.json and
+    result.json, which is what load_saved and so `--plot-only` read. Folders with a result.json
+    already there are left alone. Returns the number of runs written; ValueError if the file is
+    not such a summary."""
+    runs = load_json(path)
+    fields = {"name", "config", "result", "metrics"}
+    if not (isinstance(runs, list) and runs and all(isinstance(r, dict) and fields <= r.keys() for r in runs)):
+        raise ValueError("not a runs summary (a list of runs with name, config, result and metrics)")
+    written = 0
+    for r in runs:
+        if not isinstance(r["name"], str) or Path(r["name"]).name != r["name"] or r["name"] in ("", ".", ".."):
+            raise ValueError(f"run name {r['name']!r} is not a folder name")
+        run_dir = Path(out) / r["name"]
+        if (run_dir / "result.json").exists():
+            continue
+        meta = {"config": r["config"], **{k: r[k] for k in ("seed", "torch", "device", "world_size")
+                                          if r.get(k) is not None}, "unpacked_from": str(path)}
+        save_json(run_dir / "config.json", meta)
+        save_json(run_dir / "metrics.json", r["metrics"])
+        save_json(run_dir / "result.json", r["result"])  # last: a folder with it is a saved run
+        written += 1
+    return written

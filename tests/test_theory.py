@@ -176,3 +176,11 @@ def test_bad_arguments_exit_2_with_one_line_and_write_nothing(tmp_path, flags):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert "error" in proc.stderr and not out.exists()
+
+
+@pytest.mark.slow
+def test_plot_summary_redraws_thm46_from_the_committed_summary(tmp_path):
+    th.main(th.parse_args(["--plot-summary", str(REPO / "plots" / "theory" / "theory_summary.json"),
+                           "--out", str(tmp_path)]))
+    assert (tmp_path / "plots" / "thm46.png").stat().st_size > 1000
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["thm46.pdf", "thm46.png"]

@@ -205,3 +205,30 @@ def test_slurm_template_passes_the_array_task_index(tmp_path, cli):
 def test_smoke_settings_are_defaults_that_explicit_flags_override():
     args = tr.parse_args(["--smoke", "--datasets", "synthetic-cifar10", "--epochs", "3"])
     assert args.epochs == 3 and args.width == 0.125 and args.out == "results/train_regularisers_smoke"
+
+
+def test_mixup_controls_resample_with_labels_or_keep_the_batch():
+    import torch
+    x, labels = torch.randn(64, 3, 4, 4), torch.arange(64) % 10
+    config = dict(augment_p=0.0, mixup_beta=0.0)
+    mixed, targets = tr.regularised_batch(config, x, labels, 10, torch.Generator().manual_seed(0))
+    hard_x, hard_y = tr.regularised_batch({**config, "mixup_control": "resample_hard"}, x, labels, 10,
+                                          torch.Generator().manual_seed(0))
+    assert torch.equal(hard_x, mixed) and torch.equal(hard_y, targets.argmax(1)) and hard_y.dtype == torch.long
+    assert not torch.equal(hard_y, labels)  # beta = 0 resamples: some examples replaced by partners
+    g = torch.Generator().manual_seed(0)
+    soft_x, soft_y = tr.regularised_batch({**config, "mixup_control": "theta0_soft"}, x, labels, 10, g)
+    assert torch.equal(soft_x, x) and torch.equal(soft_y.argmax(1), labels) and soft_y.sum().item() == 64
+    reference = torch.Generator().manual_seed(0)
+    common.mixup(x, labels, 0.0, 10, reference)
+    assert torch.equal(g.get_state(), reference.get_state())  # the same random draws as mixup
+
+
+@pytest.mark.slow
+def test_plot_from_redraws_a_saved_runs_json(tmp_path, capsys):
+    tr.main(tr.parse_args(tiny(tmp_path / "a")))
+    summary = tmp_path / "a" / "plots" / "runs.json"
+    tr.main(tr.parse_args(tiny(tmp_path / "b", "--plot-from", str(summary))))
+    assert json.loads((tmp_path / "b" / "plots" / "runs.json").read_text()) == json.loads(summary.read_text())
+    assert "1 runs unpacked" in capsys.readouterr().out
+    assert (tmp_path / "b" / "plots" / "fig21_synthetic-cifar10_vgg11_bn.png").exists()
