@@ -30,7 +30,8 @@ Writes, under --out (default results/batch_lr; results/batch_lr_smoke with --smo
     <model=..._dataset=..._lr=..._batch_size=..._trial=...-hash>/{config,metrics,result}.json
     plots/fig12..15_<model>_<dataset>_vs_lr.{png,pdf}      metric vs lr, line style per batch
     plots/fig16..19_<model>_<dataset>_vs_batch.{png,pdf}   metric vs batch, line style per lr
-    plots/correlations.json    Kendall tau(gap, Jacobian norm), tau(gap, sharpness) per sweep
+    plots/correlations.json    Kendall tau(gap, Jacobian norm), tau(gap, sharpness),
+                               tau(gap, Lip of the Jacobian) per sweep
 Figure 3 is the ResNet18/CIFAR-10 vs-lr figure (fig12), Figure 4 its vs-batch one (fig16).
 
 Choices where the paper is silent (a careful reading, not the authors' code):
@@ -41,6 +42,12 @@ Choices where the paper is silent (a careful reading, not the authors' code):
   reached_target = false (the paper gives no cap; the default is generous).
 - Sharpness: BN in train mode over ghost batches of the cell's own batch size (the statistics
   the model was trained with); Lanczos to relative error --eig-tol. Jacobian: eval mode.
+- The mechanism of the ResNet18 reversal (Section 6.2: skip connections plus a large constant lr
+  raise the Lipschitz constant of the Jacobian, not its norm) is checked by a lower estimate of
+  Lip(J) of the softmax output on the same training examples (common.jacobian_lipschitz:
+  max over 64 pairs of ||J(x) - J(x')||_2 / ||x - x'||, x' another training image or a point
+  1/3, 1/10 or 1/30 of the way to it; eval mode; about 1 s a cell for the width-1/8 VGG11 and
+  width-1/16 ResNet18 on one CPU thread), recorded as jacobian_lipschitz.
 - Trial t uses seed --seed + t for the initialisation, the batch order and the measurement
   subset, in every (lr, batch) cell.
 """
@@ -51,13 +58,16 @@ import torch
 
 import common
 
+LIPSCHITZ_PAIRS = 64  # pairs of the end-of-training jacobian_lipschitz estimate
 PAPER_TARGETS = {"cifar10": 0.01, "cifar100": 0.02}  # stopping loss per data set (B.2)
 # Figure numbers of the paper, by (model, data set) and x axis.
 FIGURES = {("resnet18", "cifar10"): 12, ("resnet18", "cifar100"): 13,
            ("vgg11", "cifar10"): 14, ("vgg11", "cifar100"): 15}
 METRIC_LABELS = {"gap": "generalisation gap", "jacobian": "Jacobian norm (softmax)",
                  "sharpness": "sharpness", "train_loss": "training loss",
-                 "test_accuracy": "test accuracy", "iterations": "iterations"}
+                 "test_accuracy": "test accuracy", "iterations": "iterations",
+                 "jacobian_lipschitz": "Lip(Jacobian) lower estimate"}
+CORRELATED = ("jacobian", "sharpness", "jacobian_lipschitz")  # Kendall tau(gap, each)
 RUN_KEYS = ("model", "dataset", "lr", "batch_size", "trial")
 
 
@@ -232,8 +242,10 @@ def train(config, args, data, device):
                                             measure_size=config["measure_size"],
                                             ghost_batch_size=config["batch_size"],
                                             eig_tol=config["eig_tol"],
-                                            eig_max_iter=config["eig_max_iter"])
+                                            eig_max_iter=config["eig_max_iter"],
+                                            lipschitz_pairs=LIPSCHITZ_PAIRS)
     run.finish("finished", iterations=step, reached_target=reached, train_seconds=seconds,
+               jacobian_lipschitz_pairs=LIPSCHITZ_PAIRS,
                measure_seconds=time.monotonic() - started - seconds, **summary)
     return run.load()
 
@@ -256,7 +268,7 @@ def plot(args, runs):
             if not mine:
                 continue
             name = f"{model}_{dataset}"
-            correlations[name] = common.sweep_correlations(mine, within="lr")
+            correlations[name] = common.sweep_correlations(mine, against=CORRELATED, within="lr")
             number = FIGURES.get((model, dataset.removeprefix("synthetic-")))
             for x_key, style_key, offset, suffix in (("lr", "batch_size", 0, "vs_lr"),
                                                      ("batch_size", "lr", 4, "vs_batch")):
@@ -273,10 +285,12 @@ def plot(args, runs):
 
 def sweep_figure(runs, x_key, style_key, title, correlation):
     labels = {"lr": "learning rate", "batch_size": "batch size"}
-    fig, axes = common.new_figure(2, 3)
+    fig, axes = common.new_figure(2, 4)
+    fig.delaxes(axes[1, 3])  # 7 panels
     for ax, (metric, label) in zip(axes.flat, METRIC_LABELS.items()):
         common.plot_sweep(ax, runs, x_key, style_key, metric, style_label=labels[style_key],
-                          log_x=True, log_y=metric in ("sharpness", "iterations"))
+                          log_x=True, log_y=metric in ("sharpness", "iterations",
+                                                       "jacobian_lipschitz"))
         ax.set_xlabel(labels[x_key])
         ax.set_ylabel(label)
     axes[0, 0].legend(fontsize="x-small")
@@ -285,7 +299,9 @@ def sweep_figure(runs, x_key, style_key, title, correlation):
                        for lr, w in correlation["per_lr"].items())
     fig.suptitle(f"{title}: end of training, mean ± std over {trials} trials\nKendall τ(gap, "
                  f"Jacobian) = {correlation['tau_gap_jacobian']:.2f}, τ(gap, sharpness) = "
-                 f"{correlation['tau_gap_sharpness']:.2f} over {correlation['n']} cells\n"
+                 f"{correlation['tau_gap_sharpness']:.2f}, τ(gap, Lip(Jacobian)) = "
+                 f"{correlation.get('tau_gap_jacobian_lipschitz', math.nan):.2f} over "
+                 f"{correlation['n']} cells\n"
                  f"within one lr, τ(gap, Jacobian) / τ(gap, sharpness): {within}")
     return fig
 
@@ -321,7 +337,8 @@ def main(args):
     paths, correlations = plot(args, runs)
     for name, c in correlations.items():
         print(f"{name}: Kendall tau(gap, Jacobian) = {c['tau_gap_jacobian']:.3f}, "
-              f"tau(gap, sharpness) = {c['tau_gap_sharpness']:.3f} over {c['n']} cells")
+              f"tau(gap, sharpness) = {c['tau_gap_sharpness']:.3f}, tau(gap, Lip(Jacobian)) = "
+              f"{c['tau_gap_jacobian_lipschitz']:.3f} over {c['n']} cells")
         for lr, w in c["per_lr"].items():
             print(f"  lr {lr}: tau(gap, Jacobian) = {w['tau_gap_jacobian']:.3f}, "
                   f"tau(gap, sharpness) = {w['tau_gap_sharpness']:.3f} over {w['n']} cells")

@@ -39,7 +39,12 @@ Choices where the paper is silent (a careful reading, not the authors' code):
   of width sigma / |w| ~ 1 in input space, as wide as the data, so the network starts smooth;
   under the default init (|w| up to 1) the bumps are ~10 times narrower.
 - Jacobian norm: max over the 8 training points of |df/dx| (no softmax: regression). Sharpness:
-  Lanczos on the training loss. First-layer weight norm: Frobenius norm of the (256, 1) weight.
+  Lanczos on the training loss. First-layer weight norm: Frobenius norm of the (256, 1) weight
+  (equal to its spectral norm, a single column).
+- Per-layer Jacobian norms (C.3's claim: a small first layer forces larger Jacobians in the
+  higher layers): for f = f_L o ... o f_1 (f_l: linear layer l, then its activation), the
+  spectral norm of the Jacobian of f_L o ... o f_l with respect to layer l's input, max over the
+  training points (`layer_jacobians`; layer 1 is the input-output Jacobian norm).
 - Trial t uses seed --seed + t; a trial whose loss turns non-finite is recorded as diverged and
   left out of the table.
 """
@@ -245,7 +250,7 @@ def table_and_fit_values(trials, x, y, grid_points=401):
     weight norm; and the fitted function on a grid of [-1, 1] for Figure 32."""
     grid = torch.linspace(-1, 1, grid_points, device=x.device).unsqueeze(1)
     out = {k: [] for k in ("loss", "jacobian", "sharpness", "sharpness_converged",
-                           "first_layer_norm")}
+                           "first_layer_norm", "layer_jacobians")}
     with torch.no_grad():
         out["loss"] = trials.losses(x, y).cpu().tolist()
         out["fit"] = trials(grid)[..., 0].cpu().tolist()  # (T, grid_points)
@@ -260,7 +265,36 @@ def table_and_fit_values(trials, x, y, grid_points=401):
         out["sharpness"].append(row["sharpness"])
         out["sharpness_converged"].append(row["sharpness_converged"])
         out["first_layer_norm"].append(model.linears()[0].weight.norm().item())
+        out["layer_jacobians"].append(layer_jacobians(model, x) if finite
+                                      else [math.nan] * len(model.linears()))
     return out
+
+
+def layer_jacobians(model, x):
+    """[max over x of ||d f(x) / d h_l||_2 for each linear layer l]: the Jacobian of the rest
+    of the MLP (layer l onward) with respect to layer l's input h_l = (layers before l)(x)."""
+    layers, norms = list(model), []
+    for i, module in enumerate(layers):
+        if isinstance(module, torch.nn.Linear):
+            with torch.no_grad():
+                h = torch.nn.Sequential(*layers[:i])(x)  # (N, fan_in of layer l)
+            norms.append(common.jacobian_norm(torch.nn.Sequential(*layers[i:]), h, softmax=False))
+    return norms
+
+
+def layer_quantities(runs):
+    """{"layer_jacobian_<l>": label} for the layers of the runs that recorded layer_jacobians
+    (none for runs saved before they were measured)."""
+    depth = max((len(v) for r in runs for v in r["result"].get("layer_jacobians", [])), default=0)
+    return {f"layer_jacobian_{l}": f"Jacobian norm from layer {l}'s input"
+            for l in range(1, depth + 1)}
+
+
+def quantity(result, q, t):
+    """Trial t's value of table quantity q."""
+    if q.startswith("layer_jacobian_"):
+        return result["layer_jacobians"][t][int(q.rsplit("_", 1)[1]) - 1]
+    return result[q][t]
 
 
 def table_rows(runs):
@@ -269,8 +303,8 @@ def table_rows(runs):
     for run in runs:
         res, cfg = run["result"], run["config"]
         keep = [t for t in range(cfg["trials"]) if t not in res["diverged_trials"]]
-        for q in QUANTITIES:
-            values = np.array([res[q][t] for t in keep], dtype=np.float64)
+        for q in [*QUANTITIES, *layer_quantities([run])]:
+            values = np.array([quantity(res, q, t) for t in keep], dtype=np.float64)
             rows.append((cfg["activation"], cfg["init"], q, values.mean() if len(values) else math.nan,
                          values.std() if len(values) else math.nan, len(values)))
     return rows
@@ -294,7 +328,9 @@ def write_tables(args, runs, stem):
           f"layer N(0, {args.low_freq_std:g}^2), later layers default; ReLU net default init. "
           f"SGD lr {args.lr:g}, momentum {args.momentum:g}. Jacobian norm: max |df/dx| over the "
           "8 points; sharpness: top Hessian eigenvalue of the MSE loss; first-layer norm: "
-          "Frobenius norm of the first weight matrix.\n"]
+          "Frobenius norm of the first weight matrix. Jacobian norm from layer l's input: max "
+          "over the 8 points of the spectral norm of d f / d (layer l's input), layer 1 = "
+          "the Jacobian norm.\n"]
     for number, activation in ((1, "gaussian"), (2, "relu")):
         mine = {(i, q): (m, s, n) for a, i, q, m, s, n in rows if a == activation}
         if not mine:
@@ -302,7 +338,7 @@ def write_tables(args, runs, stem):
         epochs = next(r["config"]["epochs"] for r in runs if r["config"]["activation"] == activation)
         md.append(f"\n## Table {number}: {activation} network ({epochs} epochs)\n\n"
                   "| Norm | High freq. | Low freq. |\n|---|---|---|\n")
-        for q, name in QUANTITIES.items():
+        for q, name in {**QUANTITIES, **layer_quantities(runs)}.items():
             cells = [f"{mine[i, q][0]:.4g} ± {mine[i, q][1]:.2g} (n={mine[i, q][2]})"
                      if (i, q) in mine else "not run" for i in ("high", "low")]
             md.append(f"| {name} | {cells[0]} | {cells[1]} |\n")

@@ -4,7 +4,9 @@ under SGD, over the first epoch (Figure 28) and over 90 epochs (Figure 29).
 VGG11 (`vgg11_bn` without dropout) is trained on CIFAR-10, standardised per RGB channel, by
 SGD with batch 128 and label smoothing 0, 0.5 and 0.75. On a fixed random subset of 2500
 training images we measure the sharpness (BN in train mode, ghost batches of 128), the Jacobian
-norm of the softmaxed model (BN in eval mode), the Frobenius norm of the (N, 10) logits and the
+norm of the softmaxed model (BN in eval mode), beside it the Jacobian norm of the logits (same
+subset and mode: Appendix C.1's claim that the vanishing softmax Jacobian stops tracking the
+network's Lipschitz constant), the Frobenius norm of the (N, 10) logits and the
 loss (cross entropy minus the label entropy): every 5 iterations in the first epoch, then at the
 end of every epoch. One run gives both figures.
 
@@ -60,7 +62,8 @@ import torch
 import common
 
 METRIC_LABELS = {"loss": "cross entropy - label entropy", "sharpness": "sharpness",
-                 "jacobian": "Jacobian norm (softmax)", "output_norm": "output Frobenius norm"}
+                 "jacobian": "Jacobian norm (softmax)", "logit_jacobian": "Jacobian norm (logits)",
+                 "output_norm": "output Frobenius norm"}
 RUN_KEYS = ("smoothing", "trial")
 
 
@@ -250,11 +253,16 @@ def curve_point(model, loss_fn, x, y, config, num_classes):
     """One point of the Figure 28/29 curves: sharpness, Jacobian norm, output norm, loss,
     accuracy and the step-scale curvature along the top eigenvector on the measurement subset.
 
+    logit_jacobian: the Jacobian norm of the logits (no softmax) on the same subset, eval mode:
+    Appendix C.1 says the softmax Jacobian vanishes as the outputs saturate and then no longer
+    follows the network's Lipschitz constant; the logits' Jacobian shows whether it still grows.
+
     Returns:
         (row, pending): `pending` gives `realised` the curvature after the next SGD step."""
     row, pending = common.progressive_sharpening_metrics(
         model, loss_fn, x, y, ghost_batch_size=config["ghost_batch_size"], tol=config["eig_tol"],
         max_iter=config["eig_max_iter"], with_output_norm=True, step_lr=config["lr"])
+    row["logit_jacobian"] = common.jacobian_norm(model, x, softmax=False)
     loss, accuracy = common.evaluate(model, loss_fn, x, y, config["ghost_batch_size"])
     return {"loss": common.excess_loss(loss, config["smoothing"], num_classes),
             "accuracy": accuracy, **row}, pending
@@ -287,12 +295,16 @@ def plot(args, runs):
     title = f"{args.model}, SGD batch {args.batch_size}, lr {args.lr:g}{scale}: {trials} trial(s)"
     data = f"{common.dataset_label(args.dataset)}, {common.scale_label(args, reduced)}"
     figures = [("fig28_first_epoch", [within(r, per_epoch) for r in runs], "first epoch",
-                ("jacobian",))]
+                ("jacobian", "logit_jacobian"))]
     if max(r["config"]["epochs"] for r in runs) > 1:
-        figures.append(("fig29_all_epochs", runs, "all epochs", ("jacobian", "output_norm")))
+        figures.append(("fig29_all_epochs", runs, "all epochs",
+                        ("jacobian", "logit_jacobian", "output_norm")))
+    # runs saved before the logits' Jacobian was measured are drawn without its panel
+    metrics = [m for m in METRIC_LABELS if m != "logit_jacobian"
+               or any(m in row for r in runs for row in r["metrics"])]
     paths = []
     for stem, shown, span, logs in figures:
-        fig, panels = common.plot_runs(shown, list(METRIC_LABELS), "smoothing",
+        fig, panels = common.plot_runs(shown, metrics, "smoothing",
                                        labels=METRIC_LABELS, style_label="smoothing",
                                        log_metrics=logs,
                                        xlabel=f"iteration ({per_epoch} per epoch)",

@@ -12,7 +12,7 @@ Where each name lives:
   measurements  progressive_sharpening_metrics (Figs 1, 6-11, 28-29) with step_curvature and
                 realised_curvature (curvature along the top eigenvector), end_of_training_metrics
                 (Figs 2-5, 12-27), bn_mode_jacobian_norms (Theorem A.1), excess_loss,
-                weight_norm.
+                weight_norm, jacobian_lipschitz (Lip of the input Jacobian, Fig 4's mechanism).
   runs          Run directories, atomic JSON/torch saving, checkpoints, loading saved runs.
   distributed   torchrun start-up (init_from_env), rank, world_size, is_main, barrier, share of
                 the ghost batches, the sums of a data-parallel step (gradients, BN statistics).
@@ -34,7 +34,8 @@ from .estimators import (BN_TYPES, DROPOUT_TYPES, ConvergenceWarning, EigenResul
                          gauss_newton_norm, gauss_newton_operator, hessian_operator,
                          jacobian_norm, math_attention, no_tf32, sharpness, top_eigenvalues)
 from .measurements import (bn_mode_jacobian_norms, eigenvalue_with_convergence,
-                           end_of_training_metrics, excess_loss, measurement_batches,
+                           end_of_training_metrics, excess_loss, input_jacobians,
+                           jacobian_lipschitz, measurement_batches,
                            output_norm, progressive_sharpening_metrics, realised_curvature,
                            recorded_convergence, step_curvature, weight_norm)
 from .models import (ACTIVATIONS, INITS, MLP, MODELS, VGG11, VGG11_CONFIG, BasicBlock, Gaussian,

@@ -240,7 +240,7 @@ import contextlib
 
 def end_of_training_metrics(model, loss_fn, data, seed, *, measure_size, ghost_batch_size,
                             eig_tol=1e-4, eig_max_iter=100, gauss_newton=False,
-                            batch_size=1000):
+                            batch_size=1000, lipschitz_pairs=0):
     """The end-of-training point of a sweep cell (Figures 2-5 and 12-27), on clean data, without
     weight decay.
 
@@ -250,6 +250,8 @@ def end_of_training_metrics(model, loss_fn, data, seed, *, measure_size, ghost_b
     train mode over ghost batches of `ghost_batch_size`, and the softmax Jacobian norm in eval
     mode. Whole-split losses are evaluated in chunks of `batch_size` (memory only).
     weight_norm: Euclidean norm of the trainable parameters (`weight_norm`).
+    jacobian_lipschitz (only if `lipschitz_pairs` > 0): `jacobian_lipschitz` over that many
+    pairs from the same training examples, drawn with `seed`.
 
     Returns:
         dict of floats.
@@ -270,7 +272,81 @@ def end_of_training_metrics(model, loss_fn, data, seed, *, measure_size, ghost_b
         out.update(eigenvalue_with_convergence(gauss_newton_norm, "gauss_newton", model, loss_fn,
                                                batches, tol=eig_tol, max_iter=eig_max_iter))
     out["jacobian"] = jacobian_norm(model, x, softmax=True)
+    if lipschitz_pairs:
+        out["jacobian_lipschitz"] = jacobian_lipschitz(
+            model, x, pairs=lipschitz_pairs, generator=torch.Generator().manual_seed(seed))
     return out
+
+
+LIPSCHITZ_DISTANCES = (1.0, 0.3, 0.1, 0.03)
+
+
+def input_jacobians(model, x, softmax=True, batch_size=64):
+    """(N, C, D) input-output Jacobians d g(x_i) / d x_i, g = softmax o model (or the logits),
+    D the flattened input size, in eval mode (BN running statistics, so the samples of a
+    chunk are independent and one backward pass per class gives all their rows). The model's
+    mode, parameters, buffers and `.grad` are left as they were."""
+    chunks = []
+    with MeasureMode(model, "eval"), torch.enable_grad(), no_tf32():
+        for s in index_chunks(len(x), batch_size):
+            xb = x[s].detach().contiguous().requires_grad_(True)  # (B, *D)
+            out = model(xb)  # (B, C)
+            out = torch.softmax(out, dim=1) if softmax else out
+            rows = [torch.autograd.grad(out[:, c].sum(), xb, retain_graph=c + 1 < out.shape[1])[0]
+                    .reshape(len(xb), -1) for c in range(out.shape[1])]  # C x (B, D)
+            chunks.append(torch.stack(rows, dim=1))  # (B, C, D)
+    return torch.cat(chunks)
+
+
+def jacobian_lipschitz(model, x, *, pairs=64, distances=LIPSCHITZ_DISTANCES, generator=None,
+                       softmax=True, batch_size=64):
+    """Lower estimate of the Lipschitz constant of the input-output Jacobian over the data:
+
+        max_p || J(a_p) - J(b_p) ||_2 / || a_p - b_p ||,   b_p = a_p + t_p (c_p - a_p),
+
+    J(x) = d g(x) / dx (C x D), g = softmax o model (or the logits), a_p and c_p two different
+    inputs of x drawn at random and t_p cycling through `distances` (t = 1: two inputs; smaller
+    t: a point on the segment towards the other input, where the local slope shows). Every
+    ratio is at most Lip(J) on the segments, so the max is a lower bound of it.
+    BN in eval mode (running statistics), dropout off; the model is left exactly as it was.
+    Computed in the model's dtype: at t >= 0.03 of the distance between two standardised
+    images (||a - c|| ~ 50-80 for CIFAR) the Jacobians differ by far more than float32
+    rounding (~1e-7 ||J|| per entry), so float32 is enough there; the spectral norms are taken
+    in float64.
+
+    Args:
+        model: module mapping (N, *D) inputs to (N, C) logits.
+        x: (N, *D) floating-point inputs, N >= 2.
+        pairs: number of pairs P. distances: the fractions t, cycled over the pairs.
+        generator: torch.Generator (CPU) for the draws (default: seeded with 0).
+        softmax: differentiate the softmaxed outputs (the paper's Jacobian) or the logits.
+        batch_size: inputs per chunk (memory: batch_size * C * D numbers).
+
+    Returns:
+        float.
+    """
+    if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() < 2:
+        raise TypeError("x must be a floating-point tensor with a batch dimension")
+    if len(x) < 2:
+        raise ValueError(f"x must hold at least 2 inputs to pair, got {len(x)}")
+    if not isinstance(pairs, int) or isinstance(pairs, bool) or pairs < 1:
+        raise ValueError(f"pairs must be a positive integer, got {pairs!r}")
+    if not distances or not all(0 < t <= 1 for t in distances):
+        raise ValueError(f"distances must be fractions in (0, 1], got {distances!r}")
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    first = torch.randint(len(x), (pairs,), generator=generator)  # (P,)
+    other = (first + torch.randint(1, len(x), (pairs,), generator=generator)) % len(x)  # != first
+    t = torch.tensor(distances, dtype=x.dtype)[torch.arange(pairs) % len(distances)]  # (P,)
+    first, other, t = first.to(x.device), other.to(x.device), t.to(x.device)
+    a, c = x[first], x[other]  # (P, *D)
+    b = a + t.reshape(-1, *[1] * (x.dim() - 1)) * (c - a)
+    jac = input_jacobians(model, torch.cat([a, b]), softmax, batch_size)  # (2P, C, D)
+    diff = (jac[:pairs] - jac[pairs:]).double()  # (P, C, D)
+    num = torch.linalg.matrix_norm(diff, ord=2)  # (P,)
+    den = (a - b).flatten(1).double().norm(dim=1)  # (P,)
+    keep = den > 0  # identical inputs give no slope
+    return float((num[keep] / den[keep]).max()) if keep.any() else 0.0
 
 
 

@@ -34,13 +34,14 @@ def test_smoke_run_writes_cells_figures_and_correlations(tmp_path, capsys):
         assert r["status"] == "finished"
         assert r["gap"] == pytest.approx(abs(r["test_loss"] - r["train_loss"]))
         assert r["sharpness"] > 0 and r["jacobian"] > 0
+        assert r["jacobian_lipschitz"] > 0 and r["jacobian_lipschitz_pairs"] == 64
     plots = tmp_path / "plots"
     assert (plots / "fig14_vgg11_synthetic-cifar10_vs_lr.png").exists()
     assert (plots / "fig18_vgg11_synthetic-cifar10_vs_batch.png").exists()
     tau = json.loads((plots / "correlations.json").read_text())["vgg11_synthetic-cifar10"]
     cells = results(tmp_path)
     assert tau["n"] == 4
-    for measure in ("jacobian", "sharpness"):
+    for measure in ("jacobian", "sharpness", "jacobian_lipschitz"):
         expected = tau_b([r["gap"] for r in cells], [r[measure] for r in cells])
         assert tau[f"tau_gap_{measure}"] == pytest.approx(expected, abs=1e-12), measure
     # and within each learning rate (the paper contrasts the networks at the largest one)
@@ -52,6 +53,18 @@ def test_smoke_run_writes_cells_figures_and_correlations(tmp_path, capsys):
         assert tau["per_lr"][str(lr)]["n"] == len(mine) > 0
         expected = tau_b([r["gap"] for r in mine], [r["jacobian"] for r in mine])
         assert tau["per_lr"][str(lr)]["tau_gap_jacobian"] == pytest.approx(expected, abs=1e-12, nan_ok=True)
+    # cells saved before jacobian_lipschitz was measured still plot, their tau is NaN
+    for path in tmp_path.glob("*/result.json"):
+        saved = json.loads(path.read_text())
+        del saved["jacobian_lipschitz"]
+        path.write_text(json.dumps(saved))
+    (plots / "fig14_vgg11_synthetic-cifar10_vs_lr.png").unlink()
+    batch_lr.main(batch_lr.parse_args(["--smoke", "--datasets", "synthetic-cifar10",
+                                       "--out", str(tmp_path), "--no-progress", "--plot-only"]))
+    assert (plots / "fig14_vgg11_synthetic-cifar10_vs_lr.png").exists()
+    tau = json.loads((plots / "correlations.json").read_text())["vgg11_synthetic-cifar10"]
+    assert tau["tau_gap_jacobian_lipschitz"] is None  # NaN, stored as null
+    assert tau["tau_gap_jacobian"] is not None
 
 
 def tau_b(x, y):

@@ -38,6 +38,37 @@ def test_low_frequency_gaussian_init_has_a_small_first_layer():
     assert w_low.norm() < w_high.norm() / 3
 
 
+@pytest.mark.parametrize("activation,init", [("gaussian", "low"), ("relu", "high")])
+def test_layer_jacobians_match_jacrev_of_the_composed_layers(activation, init):
+    config = cn.run_configs(smoke_args("unused"))[cn.SETTINGS.index((activation, init))]
+    model = cn.make_model(config, 3).double()
+    x = torch.linspace(-1, 1, 8, dtype=torch.float64).unsqueeze(1)
+    linears = model.linears()
+
+    def act(z):  # by hand, not the model's modules
+        return torch.exp(-z ** 2 / (2 * config["sigma"] ** 2)) if activation == "gaussian" else z.clamp(min=0)
+
+    def upper(l, h):  # layers l.. of the MLP applied to layer l's input h (fan_in,)
+        for k, lin in enumerate(linears[l:], start=l):
+            h = torch.nn.functional.linear(h, lin.weight, lin.bias)
+            h = act(h) if k + 1 < len(linears) else h
+        return h
+
+    def lower(l, v):  # layer l's input
+        for lin in linears[:l]:
+            v = act(torch.nn.functional.linear(v, lin.weight, lin.bias))
+        return v
+
+    got = cn.layer_jacobians(model, x)
+    assert len(got) == len(linears) == config["depth"]
+    for l in range(len(linears)):
+        want = max(torch.linalg.matrix_norm(torch.func.jacrev(lambda h: upper(l, h))(lower(l, xi)),
+                                            ord=2).item() for xi in x)
+        assert got[l] == pytest.approx(want, rel=1e-8), l
+    assert got[0] == pytest.approx(common.jacobian_norm(model, x, softmax=False), rel=1e-12)
+    assert len(set(got)) == len(got)  # the layers differ: the check above could fail
+
+
 @pytest.fixture(scope="module")
 def smoke_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("coordinate_network")
@@ -55,9 +86,17 @@ def test_smoke_run_writes_runs_tables_and_figure(smoke_out):
         for q in ("jacobian", "sharpness", "first_layer_norm", "loss"):
             assert len(res[q]) == 2 and all(math.isfinite(v) and v >= 0 for v in res[q])
         assert len(res["fit"]) == 2 and len(res["fit"][0]) == len(res["grid"])
+        depth = run["config"]["depth"]
+        assert [len(v) for v in res["layer_jacobians"]] == [depth, depth]
+        for t in range(2):
+            assert all(math.isfinite(v) and v > 0 for v in res["layer_jacobians"][t])
+            assert res["layer_jacobians"][t][0] == pytest.approx(res["jacobian"][t], rel=1e-6)
+    depth = runs[0]["config"]["depth"]
     rows = list(csv.DictReader(open(smoke_out / "plots" / "tables.csv")))
-    assert len(rows) == 4 * len(cn.QUANTITIES) and all(r["n"] == "2" for r in rows)
+    assert len(rows) == 4 * (len(cn.QUANTITIES) + depth) and all(r["n"] == "2" for r in rows)
+    assert {r["quantity"] for r in rows} >= {f"layer_jacobian_{l}" for l in range(1, depth + 1)}
     table = (smoke_out / "plots" / "tables.md").read_text()
+    assert f"| Jacobian norm from layer {depth}'s input |" in table
     assert "## Table 1: gaussian network" in table and "## Table 2: relu network" in table
     for ext in ("png", "pdf"):
         assert (smoke_out / "plots" / f"fig32_fits.{ext}").stat().st_size > 1000
@@ -70,6 +109,23 @@ def test_plot_only_regenerates_tables_and_figure(smoke_out):
     cn.main(smoke_args(smoke_out, "--plot-only"))
     assert sorted(f.name for f in (smoke_out / "plots").iterdir()) == [
         "fig32_fits.pdf", "fig32_fits.png", "runs.json", "tables.csv", "tables.md"]
+
+
+@pytest.mark.slow
+def test_plot_only_of_runs_without_layer_jacobians(smoke_out, tmp_path):
+    import json
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(smoke_out, old)
+    shutil.rmtree(old / "plots")
+    for path in old.glob("*/result.json"):  # as saved before the layer Jacobians were measured
+        saved = json.loads(path.read_text())
+        del saved["layer_jacobians"]
+        path.write_text(json.dumps(saved))
+    cn.main(smoke_args(old, "--plot-only"))
+    rows = list(csv.DictReader(open(old / "plots" / "tables.csv")))
+    assert [r["quantity"] for r in rows[:len(cn.QUANTITIES)]] == list(cn.QUANTITIES)
+    assert len(rows) == 4 * len(cn.QUANTITIES)
 
 
 @pytest.mark.slow

@@ -304,3 +304,104 @@ def test_realised_curvature_after_a_diverged_step_is_none():
         model.weight[0, 0] = math.inf
     after = common.realised_curvature(model, F.mse_loss, x, y, pending)
     assert set(after.values()) == {None} and "realised_curvature" in after
+
+
+# ----------------------------------------------------------------------------- Lip of the Jacobian
+
+
+class Quadratic(nn.Module):
+    """Logits g(x)_c = x^T A_c x / 2 (A_c symmetric): J(x) = (A_c x)^T row by row, linear in x,
+    so ||J(x) - J(x')||_2 / ||x - x'|| = ||M(u)||_2, M(u)_c = (A_c u)^T, u = (x - x') / ||x - x'||."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = nn.Parameter(a)  # (C, D, D)
+
+    def forward(self, x):  # (N, D) -> (N, C)
+        return 0.5 * torch.einsum("nd,cde,ne->nc", x, self.a, x)
+
+
+def eval_jacobian(model, x, softmax):
+    """(C, D) Jacobian at one input x (D,) by torch.func.jacrev, eval mode set by hand."""
+    flags = [m.training for m in model.modules()]
+    model.eval()
+    fn = (lambda v: torch.softmax(model(v[None])[0], 0)) if softmax else (lambda v: model(v[None])[0])
+    jac = torch.func.jacrev(fn)(x)
+    for m, f in zip(model.modules(), flags):
+        m.training = f
+    return jac
+
+
+def test_input_jacobians_match_jacrev_in_eval_mode_and_are_pure():
+    model = bn_mlp(seed=3).train()
+    x, _ = class_batches([7], SHAPE, seed=2)[0]
+    before = state_of(model)
+    for softmax in (True, False):
+        got = common.input_jacobians(model, x, softmax=softmax, batch_size=3)  # (7, 3, 5)
+        want = torch.stack([eval_jacobian(model, xi, softmax) for xi in x])
+        assert got.shape == (7, 3, 5)
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert_same_state(model, before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_jacobian_lipschitz_is_exact_when_every_direction_has_the_same_slope():
+    # A_c = a_c I: ||M(u)||_2 = ||a|| for every unit u, so every pair gives Lip(J) = ||a||
+    a = torch.tensor([0.5, -2.0, 1.5], dtype=torch.float64)
+    model = Quadratic(a[:, None, None] * torch.eye(4, dtype=torch.float64))
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = common.jacobian_lipschitz(model, x, pairs=8, softmax=False)
+    assert got == pytest.approx(a.norm().item(), rel=1e-12)
+
+
+def test_jacobian_lipschitz_is_the_max_over_its_pairs_and_a_valid_lower_bound():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(3, 4, 4, generator=g, dtype=torch.float64)
+    a = a + a.transpose(1, 2)
+    model = Quadratic(a)
+    x = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    got = common.jacobian_lipschitz(model, x, pairs=12, softmax=False,
+                                    generator=torch.Generator().manual_seed(5))
+    # the pairs by the documented rule, each slope from jacrev
+    draw = torch.Generator().manual_seed(5)
+    first = torch.randint(10, (12,), generator=draw)
+    other = (first + torch.randint(1, 10, (12,), generator=draw)) % 10
+    assert (first != other).all()
+    slopes = []
+    for p in range(12):
+        t = common.measurements.LIPSCHITZ_DISTANCES[p % 4]
+        xa, xb = x[first[p]], x[first[p]] + t * (x[other[p]] - x[first[p]])
+        diff = eval_jacobian(model, xa, False) - eval_jacobian(model, xb, False)
+        slopes.append(torch.linalg.matrix_norm(diff, ord=2).item() / (xa - xb).norm().item())
+    assert got == pytest.approx(max(slopes), rel=1e-10)
+    # a lower bound: below Lip(J) = sup_u ||M(u)||_2 <= sqrt(sum_c ||A_c||_2^2)
+    upper = torch.linalg.matrix_norm(a, ord=2).square().sum().sqrt().item()
+    assert got <= upper
+    # the softmax Jacobian differs (and is measured by default)
+    assert common.jacobian_lipschitz(model, x, pairs=12, generator=torch.Generator().manual_seed(5)) != got
+
+
+def test_jacobian_lipschitz_is_pure_and_seeded():
+    model = bn_mlp(seed=4).train()
+    x, _ = class_batches([9], SHAPE, seed=6)[0]
+    before = state_of(model)
+    a, b, c = (common.jacobian_lipschitz(model, x, pairs=6, generator=torch.Generator().manual_seed(s))
+               for s in (0, 0, 1))
+    assert_same_state(model, before)
+    assert a == b and a != c and a > 0
+    with pytest.raises(ValueError, match="pairs"):
+        common.jacobian_lipschitz(model, x, pairs=0)
+    with pytest.raises(ValueError, match="at least 2"):
+        common.jacobian_lipschitz(model, x[:1])
+
+
+def test_end_of_training_metrics_record_jacobian_lipschitz_only_when_asked(trained):
+    model, data = trained
+    plain = common.end_of_training_metrics(model, SMOOTH, data, seed=7, measure_size=9,
+                                           ghost_batch_size=3, eig_tol=1e-6)
+    asked = common.end_of_training_metrics(model, SMOOTH, data, seed=7, measure_size=9,
+                                           ghost_batch_size=3, eig_tol=1e-6, lipschitz_pairs=5)
+    assert "jacobian_lipschitz" not in plain
+    x = data.x_train[drawn_subset(20, 9, 7)]
+    assert asked["jacobian_lipschitz"] == common.jacobian_lipschitz(
+        model, x, pairs=5, generator=torch.Generator().manual_seed(7))

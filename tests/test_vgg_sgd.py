@@ -1,5 +1,6 @@
 """vgg_sgd.py end to end on synthetic data: smoke run and its measurement schedule, a killed
 multi-epoch run continuing from its checkpoint, bad arguments, --plot-only."""
+import json
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ def test_smoke_run_measures_on_schedule_and_plots_both_figures(tmp_path):
         assert run["result"]["steps_per_epoch"] == 4 and run["result"]["iterations"] == 12
         for m in run["metrics"]:
             assert m["loss"] >= -1e-6 and m["jacobian"] > 0 and m["output_norm"] > 0
+            assert m["logit_jacobian"] > 0  # the logits' Jacobian, same subset
             assert m["sharpness"] > 0 and m["epoch"] == m["step"] / 4
             assert m["secant_curvature"] is not None and m["secant_step"] > 0
             # the curvature the next SGD step realised: every measurement but the last
@@ -41,6 +43,25 @@ def test_smoke_run_measures_on_schedule_and_plots_both_figures(tmp_path):
         assert all("train_loss" in m for m in run["metrics"][1:])
     for stem in ("fig28_first_epoch", "fig29_all_epochs"):
         assert (out / "plots" / f"{stem}.png").stat().st_size > 0
+
+
+def test_curve_point_records_the_logits_jacobian_beside_the_softmax_one():
+    args = vgg_sgd.parse_args(TINY + ["--dataset", "synthetic-cifar10"])
+    config = vgg_sgd.run_configs(args)[0]
+    model = vgg_sgd.make_model(config, 10, "cpu").train()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(4)
+    row, _ = vgg_sgd.curve_point(model, common.cross_entropy(0.0), x, y, config, 10)
+    model.eval()  # the reference: eval mode set by hand, one dense Jacobian per image
+
+    def norms(softmax):
+        fn = (lambda v: torch.softmax(model(v[None])[0], 0)) if softmax else (lambda v: model(v[None])[0])
+        return [torch.linalg.matrix_norm(torch.func.jacrev(fn)(xi).reshape(10, -1).double(), ord=2)
+                for xi in x]
+
+    assert row["logit_jacobian"] == pytest.approx(max(norms(False)).item(), rel=1e-4)
+    assert row["jacobian"] == pytest.approx(max(norms(True)).item(), rel=1e-4)
+    assert row["logit_jacobian"] > 2 * row["jacobian"]  # softmax's Jacobian has norm <= 1/2
 
 
 @pytest.mark.slow
@@ -93,6 +114,10 @@ def test_plot_only_redraws_from_saved_results(tmp_path, cli):
     png = out / "plots" / "fig28_first_epoch.png"
     assert not (out / "plots" / "fig29_all_epochs.png").exists()  # one epoch: Figure 28 only
     png.unlink()
+    for path in out.glob("*/metrics.json"):  # as saved before the logits' Jacobian was measured
+        rows = json.loads(path.read_text())
+        path.write_text(json.dumps([{k: v for k, v in m.items() if k != "logit_jacobian"}
+                                    for m in rows]))
     saved = {p: p.stat().st_mtime_ns for p in out.glob("*/*.json")
              if p.parent.name != "plots"}  # the runs; plots/runs.json is redrawn
     run_main(argv + ["--plot-only"])
