@@ -166,7 +166,7 @@ def augment(x, p, generator, pad=4):
         generator: CPU torch.Generator (draws: N uniforms, N x 2 offsets, N flips, always, so
             the stream does not depend on p).
     Returns:
-        (N, C, H, W) tensor on x's device.
+        (N, C, H, W) contiguous tensor on x's device.
     """
     n, c, h, w = x.shape
     apply = torch.rand(n, generator=generator) < p  # (N,)
@@ -181,7 +181,7 @@ def augment(x, p, generator, pad=4):
     rows, cols = rows.to(x.device), cols.to(x.device)
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     channel = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]].contiguous()
 
 
 def mixup(x, labels, beta, num_classes, generator):
@@ -195,8 +195,8 @@ def mixup(x, labels, beta, num_classes, generator):
         x: (N, ...) inputs. labels: (N,) class indices. beta: >= 0. num_classes: K.
         generator: CPU torch.Generator (the Beta draws use numpy seeded from it).
     Returns:
-        (mixed x (N, ...), soft targets (N, K) float) on x's device; the targets work with
-        `cross_entropy`, which accepts probability targets (and smooths them).
+        (mixed x (N, ...) contiguous, soft targets (N, K) float) on x's device; the targets
+        work with `cross_entropy`, which accepts probability targets (and smooths them).
     """
     n = len(x)
     partner = torch.randperm(n, generator=generator)
@@ -209,7 +209,7 @@ def mixup(x, labels, beta, num_classes, generator):
     partner = partner.to(x.device)
     onehot = F.one_hot(labels, num_classes).to(x.dtype)  # (N, K)
     t = theta.view(-1, *[1] * (x.dim() - 1))
-    mixed = (1 - t) * x + t * x[partner]
+    mixed = ((1 - t) * x + t * x[partner]).contiguous()  # elementwise ops keep x's layout
     targets = (1 - theta[:, None]) * onehot + theta[:, None] * onehot[partner]
     return mixed, targets
 
