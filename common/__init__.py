@@ -18,7 +18,8 @@ Where each name lives:
   plotting      mean +- std bands, sweep panels, save_figure.
 """
 from .cli import (ArgumentParser, check, check_common, check_positive, check_unit_interval,
-                  check_width, check_writable, dataset_label, fail, finite_float, make_parser,
+                  check_width, check_writable, dataset_label, fail, finite_float, gradient_check_or_fail,
+                  make_parser,
                   parse_with_smoke, progress, resolve_device, run_main, saved_runs_or_fail,
                   scale_label, smoke_datasets)
 from .data import (DATASETS, STANDARDISATIONS, Data, DataError, check_data_file, dataset_path,
@@ -41,5 +42,6 @@ from .runs import (DamagedRun, Run, atomic_write, config_hash, load_json, load_r
                    save_json, save_runs_summary, save_torch, training_state)
 from .sweeps import (add_grid_flags, check_grid_index, grid, kendall_tau, print_grid,
                      selected_cells, sweep_correlations, unique_configs)
-from .training import (augment, cross_entropy, evaluate, ghost_batch_gradient, index_chunks,
+from .training import (GradientCheck, augment, cross_entropy, evaluate, ghost_batch_gradient,
+                       gradient_check, gradient_tolerance, index_chunks,
                        label_entropy, mixup, sgd, shuffled_batches, train_step)
