@@ -43,5 +43,5 @@ from .runs import (DamagedRun, Run, atomic_write, config_hash, load_json, load_r
 from .sweeps import (add_grid_flags, check_grid_index, grid, kendall_tau, print_grid,
                      selected_cells, sweep_correlations, unique_configs)
 from .training import (GradientCheck, augment, cross_entropy, evaluate, ghost_batch_gradient,
-                       gradient_check, gradient_tolerance, index_chunks,
+                       gradient_check, index_chunks,
                        label_entropy, mixup, sgd, shuffled_batches, train_step)

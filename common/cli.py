@@ -154,7 +154,7 @@ def gradient_check_or_fail(args, model, loss_fn, x, y, group=None):
     if failed:
         where = f" (rank {torch.distributed.get_rank(group)})" if group is not None else ""
         fail(f"gradient check failed{where}: the float32 gradient on one batch is off by "
-             f"{result.error:.2g} relative to a float64 copy (tolerance {result.tolerance:.2g}); "
+             f"{result.error:.2g} relative to a reference copy (tolerance {result.tolerance:.2g}); "
              f"worst parameter {result.worst}, relative error {result.worst_error:.2g}. Inputs "
              f"should be contiguous (N, C, H, W); --no-gradient-check skips this check")
 

@@ -217,16 +217,16 @@ def mixup(x, labels, beta, num_classes, generator):
 
 
 # The start-of-run gradient check (`gradient_check`) fails when the whole gradient's relative
-# error exceeds GRADIENT_CHECK_FACTOR * eps * sqrt(depth) (eps = float32's machine epsilon,
-# depth = the layers with a weight matrix or kernel: rounding errors of a backward pass through
-# them grow like eps sqrt(depth)), or BN_TOLERANCE for a model with BatchNorm. Measured float32
-# against float64 on batches of 32 and 125 CIFAR-10 images at initialisation: 2e-7 to 3e-6
-# (under 30 eps) without BN; with BN in train mode narrow networks are ill-conditioned now and
-# then (ResNet18 at width 1/16 and 1/8: up to 6e-3 on contiguous inputs), so BN_TOLERANCE is
-# about 8 times that. The channels-last oneDNN fault measured 4e-3 to 4e-2 here and 2.5 on
-# another run: the check stops the gross failures; the contiguous data path avoids the rest.
-GRADIENT_CHECK_FACTOR = 100
-BN_TOLERANCE = 0.05
+# error exceeds GRADIENT_CHECK_TOLERANCE. Float32 against float64 is not bounded by a small
+# multiple of eps here: a pre-activation within rounding of a ReLU's kink, or two near-equal
+# inputs of a max-pool, take different branches in the two precisions, and BN in train mode
+# amplifies that in narrow networks. Measured on contiguous inputs at initialisation (real
+# CIFAR-10, first batches of 32, 125 and 256 images, 3 seeds, the VGG11 / ResNet18 widths and BN
+# settings of the committed runs): up to 6e-3 (VGG11 width 1/8 with BN), 8e-4 without BN, 3e-6
+# for the MLPs; the tolerance is 8 times the largest. The channels-last oneDNN fault measured
+# 1e-3 to 4e-2 on such batches and 2.5 on others: the check stops gross failures (and crashes
+# before training), the contiguous data path avoids the rest.
+GRADIENT_CHECK_TOLERANCE = 0.05
 
 
 @dataclass
@@ -250,7 +250,7 @@ def gradient_check(model, loss_fn, x, y):
     g = grad loss_fn(model(x), y) as training computes it (x as given, train mode: BN uses the
     batch's statistics); r the same from a copy of the model in float64 on contiguous inputs (on
     a GPU: float32, contiguous); both without TF32. error = ||g - r|| / ||r||; the tolerance is
-    explained at GRADIENT_CHECK_FACTOR. The model is left as it was: mode, buffers (BN running
+    explained at GRADIENT_CHECK_TOLERANCE. The model is left as it was: mode, buffers (BN running
     statistics) and `.grad` untouched (gradients through autograd.grad).
 
     Returns:
@@ -275,18 +275,8 @@ def gradient_check(model, loss_fn, x, y):
     scale = math.sqrt(sum(r.norm().item() ** 2 for r in want.values())) or 1e-300
     worst = max(diffs, key=diffs.get)
     return GradientCheck(error=math.sqrt(sum(d * d for d in diffs.values())) / scale,
-                         tolerance=gradient_tolerance(model), worst=worst,
+                         tolerance=GRADIENT_CHECK_TOLERANCE, worst=worst,
                          worst_error=diffs[worst] / max(want[worst].norm().item(), 1e-300))
-
-
-def gradient_tolerance(model):
-    """The largest whole-gradient relative error `gradient_check` allows (see
-    GRADIENT_CHECK_FACTOR)."""
-    if any(isinstance(m, BN_TYPES) for m in model.modules()):
-        return BN_TOLERANCE
-    depth = sum(1 for m in model.modules()
-                if any(p.dim() > 1 for p in m.parameters(recurse=False)))
-    return GRADIENT_CHECK_FACTOR * torch.finfo(torch.float32).eps * math.sqrt(max(depth, 1))
 
 
 def _named_loss_gradient(model, loss_fn, x, y):
