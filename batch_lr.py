@@ -202,6 +202,8 @@ def train(config, args, data, device):
     model = make_model(config, data.num_classes, device)
     optimizer = common.sgd(model, config["lr"], config["momentum"], config["weight_decay"])
     loss_fn = common.cross_entropy()
+    first = slice(0, config["batch_size"])
+    common.gradient_check_or_fail(args, model, loss_fn, data.x_train[first], data.y_train[first])
     stream = BatchStream(len(data.x_train), config["batch_size"], config["seed"])
     state = run.begin(device)
     step, elapsed = 0, 0.0

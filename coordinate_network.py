@@ -193,6 +193,7 @@ def train(config, args, device):
         return run.load()
     trials = Trials(config, device)
     x, y = (t.to(device) for t in training_points())
+    common.gradient_check_or_fail(args, trials.model(0), F.mse_loss, x, y)  # trial 0 as a plain MLP
     phases = [("train", config["epochs"])]
     if "pretrain_steps" in config:
         phases.insert(0, ("pretrain", config["pretrain_steps"]))

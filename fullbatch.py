@@ -220,6 +220,8 @@ def train(config, args, data, device, group=None):
     model = make_model(config, data.num_classes, device)
     optimizer = common.sgd(model, config["lr"])
     loss_fn = common.cross_entropy(config["smoothing"])
+    first = slice(0, config["ghost_batch_size"])  # the first ghost batch
+    common.gradient_check_or_fail(args, model, loss_fn, data.x_train[first], data.y_train[first], group)
     x_measure, y_measure = measurement_subset(data, config)
     state = run.begin(device, world_size=common.world_size(group))
     start = common.restore_training_state(state, model, optimizer) if state else 0

@@ -124,6 +124,8 @@ def train(config, args, data, measure_idx, device):
     optimizer = common.sgd(model, config["lr"])
     loss_fn = common.cross_entropy()
     x, y = data.x_train * config["scale"], data.y_train  # (N, 3, 32, 32), (N,)
+    first = slice(0, config["ghost_batch_size"])  # None: the whole batch
+    common.gradient_check_or_fail(args, model, loss_fn, x[first], y[first])
     state = run.begin(device)
     start = common.restore_training_state(state, model, optimizer) if state else 0
     label = f"{config['activation']} scale={config['scale']:g} trial={config['trial']}"

@@ -82,7 +82,7 @@ VARIANT_COLORS = {"base": "k", "smoothing": "C0", "weight_decay": "C1", "width":
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(__doc__, trials=4, out="results/theory")
+    parser = common.make_parser(__doc__, trials=4, out="results/theory", gradient_check=False)
     a = parser.add_argument
     a("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="target types")
     a("--distributions", nargs="+", default=list(DISTRIBUTIONS), choices=DISTRIBUTIONS,

@@ -292,6 +292,8 @@ def train(config, args, data, device):
     model = make_model(config, data.num_classes, device)
     optimizer = common.sgd(model, config["lr"], config["momentum"], config["weight_decay"])
     loss_fn = common.cross_entropy(config["smoothing"])
+    first = slice(0, config["batch_size"])
+    common.gradient_check_or_fail(args, model, loss_fn, data.x_train[first], data.y_train[first])
     generator = torch.Generator().manual_seed(config["seed"])
     penalty = jacobian_penalty(config.get("jacobian_penalty", 0.0), generator)
     state = run.begin(device)

@@ -193,6 +193,8 @@ def train(config, args, data, device):
     model = make_model(config, data.num_classes, device)
     optimizer = common.sgd(model, config["lr"], config["momentum"], config["weight_decay"])
     loss_fn = common.cross_entropy(config["smoothing"])
+    first = slice(0, config["ghost_batch_size"])  # the first ghost batch
+    common.gradient_check_or_fail(args, model, loss_fn, data.x_train[first], data.y_train[first])
     x_measure, y_measure = measurement_subset(data, config)
     n_train = len(data.x_train)
     per_epoch = steps_per_epoch(config, n_train)

@@ -20,13 +20,13 @@ Where each name lives:
   sweeps        grids of cells, --list-grid / --grid-index, Kendall tau.
   plotting      mean +- std bands, sweep panels, save_figure.
 """
-from .cli import (ArgumentParser, check, check_common, check_positive, check_unit_interval,
-                  check_width, check_writable, dataset_label, fail, finite_float, make_parser,
-                  parse_with_smoke, progress, resolve_device, run_main, saved_runs_or_fail,
-                  scale_label, smoke_datasets)
+from .cli import (ArgumentParser, add_plot_from_flag, check, check_common, check_positive,
+                  check_unit_interval, check_width, check_writable, dataset_label, fail,
+                  finite_float, gradient_check_or_fail, make_parser, parse_with_smoke, progress,
+                  resolve_device, run_main, saved_runs_or_fail, scale_label, smoke_datasets,
+                  unpack_plot_from)
 from .data import (DATASETS, STANDARDISATIONS, Data, DataError, check_data_file, dataset_path,
-                   download_dataset,
-                   is_synthetic, load_arrays, load_data, missing_data_message,
+                   download_dataset, is_synthetic, load_arrays, load_data, missing_data_message,
                    standardisation_stats, subset_indices, synthetic_arrays, to_images)
 from .distributed import (all_reduce_gradients, barrier, init_from_env, is_main, rank, share,
                           shared_bn_statistics, world_size)
@@ -35,8 +35,8 @@ from .estimators import (BN_TYPES, DROPOUT_TYPES, ConvergenceWarning, EigenResul
                          jacobian_norm, math_attention, no_tf32, sharpness, top_eigenvalues)
 from .measurements import (bn_mode_jacobian_norms, eigenvalue_with_convergence,
                            end_of_training_metrics, excess_loss, input_jacobians,
-                           jacobian_lipschitz, measurement_batches,
-                           output_norm, progressive_sharpening_metrics, realised_curvature,
+                           jacobian_lipschitz, measurement_batches, output_norm,
+                           progressive_sharpening_metrics, realised_curvature,
                            recorded_convergence, step_curvature, weight_norm)
 from .models import (ACTIVATIONS, INITS, MLP, MODELS, VGG11, VGG11_CONFIG, BasicBlock, Gaussian,
                      ResNet18, build_model)
@@ -44,10 +44,10 @@ from .plotting import (LINESTYLES, mean_std, new_figure, plot_band, plot_runs,
                        plot_step_curvatures, plot_sweep, save_figure)
 from .runs import (DamagedRun, Run, atomic_write, config_hash, load_json, load_run, load_saved,
                    metric_series, move_aside, pending_runs, restore_training_state, run_name,
-                   save_json, save_runs_summary, save_torch, training_state)
-from .runs import unpack_runs_summary
-from .cli import add_plot_from_flag, unpack_plot_from
+                   save_json, save_runs_summary, save_torch, training_state,
+                   unpack_runs_summary)
 from .sweeps import (add_grid_flags, check_grid_index, grid, kendall_tau, print_grid,
                      selected_cells, sweep_correlations, unique_configs)
-from .training import (augment, cross_entropy, evaluate, ghost_batch_gradient, index_chunks,
-                       jacobian_penalty, label_entropy, mixup, sgd, shuffled_batches, train_step)
+from .training import (GradientCheck, augment, cross_entropy, evaluate, ghost_batch_gradient,
+                       gradient_check, index_chunks, jacobian_penalty, label_entropy, mixup, sgd,
+                       shuffled_batches, train_step)

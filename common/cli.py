@@ -15,6 +15,7 @@ from tqdm import tqdm
 from . import runs as _runs
 from .data import DATASETS, DataError, check_data_file, dataset_path, is_synthetic, missing_data_message
 from .runs import DamagedRun, load_saved, run_name
+from .training import gradient_check
 
 SEED_MAX = 2 ** 63 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**63 - 1] here
 REAL_DATASETS = ("cifar10", "cifar100")
@@ -108,9 +109,10 @@ def finite_float(text):
     return value
 
 
-def make_parser(doc, *, trials, out):
+def make_parser(doc, *, trials, out, gradient_check=True):
     """A parser with the shared flags: --device, --data-root, --out, --trials, --seed, --smoke,
-    --plot-only. Scripts add their own flags (paper settings as defaults) to it."""
+    --plot-only (and --no-gradient-check for scripts that train with `gradient_check_or_fail`).
+    Scripts add their own flags (paper settings as defaults) to it."""
     parser = ArgumentParser(description=doc.strip().split("\n\n")[0],
                             epilog=paper_command(doc), formatter_class=HelpFormatter)
     g = parser.add_argument_group("shared")
@@ -128,7 +130,33 @@ def make_parser(doc, *, trials, out):
                    help="move run folders with damaged files aside (to <name>.damaged-<time>) "
                         "and run them again")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if gradient_check:
+        g.add_argument("--no-gradient-check", action="store_true",
+                       help="skip the start-of-run check of the float32 gradient on one batch "
+                            "against a float64 copy of the model (exit 2 if it is off)")
     return parser
+
+
+def gradient_check_or_fail(args, model, loss_fn, x, y, group=None):
+    """The start-of-run gradient check (`training.gradient_check`) on one batch (x, y), unless
+    --no-gradient-check: exits 2 with one line naming the worst parameter when the gradient is
+    off beyond rounding. Under torch.distributed every rank checks the batch and all stop if any
+    fails (each failing rank says so), so no rank waits on the others forever."""
+    if getattr(args, "no_gradient_check", False):
+        return
+    result = gradient_check(model, loss_fn, x, y)
+    failed = not result.passed
+    if group is not None:
+        flag = torch.tensor([float(failed)], device=x.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+        if flag.item() > 0 and not failed:
+            sys.exit(2)
+    if failed:
+        where = f" (rank {torch.distributed.get_rank(group)})" if group is not None else ""
+        fail(f"gradient check failed{where}: the float32 gradient on one batch is off by "
+             f"{result.error:.2g} relative to a reference copy (tolerance {result.tolerance:.2g}); "
+             f"worst parameter {result.worst}, relative error {result.worst_error:.2g}. Inputs "
+             f"should be contiguous (N, C, H, W); --no-gradient-check skips this check")
 
 
 def parse_with_smoke(parser, argv, smoke):

@@ -186,9 +186,14 @@ def missing_data_message(name, root):
 
 
 def to_images(x_uint8):
-    """uint8 (N, H, W, C) numpy -> float32 (N, C, H, W) tensor in [0, 1]."""
+    """uint8 (N, H, W, C) numpy -> float32 (N, C, H, W) contiguous tensor in [0, 1].
+
+    Contiguous, not a channels-last view of the numpy array: everything computed from it keeps
+    its layout, and CPU (oneDNN) convolutions on channels-last float32 inputs with few input
+    channels have given wrong weight gradients and corrupted the heap (README, Reliability).
+    """
     x_uint8 = x_uint8 if x_uint8.flags.writeable else x_uint8.copy()  # torch wants writable
-    return torch.from_numpy(x_uint8).permute(0, 3, 1, 2).float().div_(255)
+    return torch.from_numpy(x_uint8).permute(0, 3, 1, 2).contiguous().float().div_(255)
 
 
 def standardisation_stats(x_uint8, mode, chunk=5000):
@@ -245,8 +250,8 @@ def load_data(name, root="data", *, device="cpu", standardise="component", train
 
     def split(x, y, n, seed):
         idx = subset_indices(len(x), n, seed).numpy()
-        images = (to_images(x[idx]) - mean) / std  # (N, C, H, W)
-        return images.to(device), torch.from_numpy(y[idx]).long().to(device)
+        images = (to_images(x[idx]) - mean) / std  # (N, C, H, W) contiguous
+        return images.contiguous().to(device), torch.from_numpy(y[idx]).long().to(device)
 
     x_train, y_train = split(arrays["x_train"], arrays["y_train"], train_size, train_seed)
     x_test, y_test = split(arrays["x_test"], arrays["y_test"], test_size, test_seed)
