@@ -312,12 +312,15 @@ def load_saved(out, configs, keys):
     return [run.load() for run in runs if run.done]
 
 
+# What a runs summary keeps of each run's config.json beside its config, result and metrics.
+SUMMARY_META = ("seed", "torch", "device", "threads", "world_size")
+
+
 def save_runs_summary(runs, path):
     """Writes loaded runs (name, config, result, metrics, seed, torch, device, CPU threads) as one
     JSON file beside the figures, so the numbers behind a committed figure are committed with it."""
-    keep = ("seed", "torch", "device", "threads", "world_size")
     save_json(path, [{"name": Path(r["dir"]).name, "config": r["config"], "result": r["result"],
-                      "metrics": r["metrics"], **{k: r["meta"].get(k) for k in keep}}
+                      "metrics": r["metrics"], **{k: r["meta"].get(k) for k in SUMMARY_META}}
                      for r in runs])
 
 
@@ -347,8 +350,8 @@ def unpack_runs_summary(path, out):
         run_dir = Path(out) / r["name"]
         if (run_dir / "result.json").exists():
             continue
-        meta = {"config": r["config"], **{k: r[k] for k in ("seed", "torch", "device", "world_size")
-                                          if r.get(k) is not None}, "unpacked_from": str(path)}
+        meta = {"config": r["config"], **{k: r[k] for k in SUMMARY_META if r.get(k) is not None},
+                "unpacked_from": str(path)}
         save_json(run_dir / "config.json", meta)
         save_json(run_dir / "metrics.json", r["metrics"])
         save_json(run_dir / "result.json", r["result"])  # last: a folder with it is a saved run
