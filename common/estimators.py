@@ -327,7 +327,8 @@ def _tensors(x):  # the tensors of x, a tensor or a dict
 
 def _check_batches(batches, model, allow_empty=False):
     """Validate `batches` and return it as a list of (x, y, n) on the model's device, n the
-    batch's example count. Examples may differ in shape from batch to batch (sequences).
+    batch's example count (its weight). Examples may differ in shape from batch to batch
+    (sequences); y holds n targets, or n * T for per-position targets flattened by the model.
     allow_empty: an empty `batches` gives [] (a rank of a group without batches)."""
     if torch.is_tensor(batches) or isinstance(batches, Mapping):
         raise TypeError(f"batches must be a sequence of (x, y) pairs, got a "
@@ -347,12 +348,13 @@ def _check_batches(batches, model, allow_empty=False):
             raise ValueError(f"batch {i} is not an (x, y) pair{hint}")
         x, y = pair
         n = _batch_size(x, i)
-        if not isinstance(y, Mapping) and (not torch.is_tensor(y) or y.dim() == 0 or len(y) != n):
-            raise ValueError(f"batch {i}: x has {n} examples but y has "
-                             f"{len(y) if torch.is_tensor(y) and y.dim() else 'no tensor of'} "
-                             f"targets")
         if n == 0:
             raise ValueError(f"batch {i} is empty")
+        # y: n targets, or n * T when a sequence model flattens its per-position targets
+        if not isinstance(y, Mapping) and (not torch.is_tensor(y) or y.dim() == 0 or len(y) % n):
+            raise ValueError(f"batch {i}: x has {n} examples but y has "
+                             f"{len(y) if torch.is_tensor(y) and y.dim() else 'no tensor of'} "
+                             f"targets (n, or n * T flattened over positions)")
         _check_finite(_tensors(x), f"batch {i}: inputs")
         _check_finite(_tensors(y), f"batch {i}: targets")
         checked.append((_to_model(x, ref), _to_model(y, ref) if isinstance(y, Mapping)

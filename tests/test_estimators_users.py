@@ -105,6 +105,23 @@ def lm_loss(out, y):  # (N, T, V) logits, (N, T) next tokens
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
+class FlatGPT(nn.Module):
+    """TinyGPT whose logits come flattened over positions, (N * T, V), as many training loops
+    do; its targets are flattened to (N * T,) too."""
+
+    def __init__(self):
+        super().__init__()
+        self.gpt = TinyGPT()
+
+    def forward(self, tokens):
+        out = self.gpt(tokens)  # (N, T, V)
+        return out.reshape(-1, out.shape[-1])
+
+
+def flat_targets(batches):
+    return [(x, y.reshape(-1)) for x, y in batches]
+
+
 def tokens(sizes, lengths, classes=None, seed=1):
     """Batches of integer tokens; targets the next tokens (classes=None) or class labels."""
     g = torch.Generator().manual_seed(seed)
@@ -157,12 +174,17 @@ def call(model, params, x, output_fn):
     return out if output_fn is None else output_fn(out)
 
 
+def examples(x):
+    """A batch's weight: its examples (sequences, not tokens)."""
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
 def dense_hessian(model, loss_fn, batches, bn_train=False, output_fn=None):
     flat0, unflat = flat_function(model, trainable_only=True)
-    total = sum(len(y) for _, y in batches)
+    total = sum(examples(x) for x, _ in batches)
 
     def loss(flat):
-        return sum(len(y) / total * loss_fn(call(model, unflat(flat), x, output_fn), y)
+        return sum(examples(x) / total * loss_fn(call(model, unflat(flat), x, output_fn), y)
                    for x, y in batches)
     with reference_mode(model, bn_train):
         return hessian(loss, flat0)
@@ -170,7 +192,7 @@ def dense_hessian(model, loss_fn, batches, bn_train=False, output_fn=None):
 
 def dense_gauss_newton(model, loss_fn, batches, bn_train=False, output_fn=None):
     flat0, unflat = flat_function(model, trainable_only=True)
-    total = sum(len(y) for _, y in batches)
+    total = sum(examples(x) for x, _ in batches)
     g = torch.zeros(len(flat0), len(flat0), dtype=torch.float64)
     with reference_mode(model, bn_train):
         for x, y in batches:
@@ -178,7 +200,7 @@ def dense_gauss_newton(model, loss_fn, batches, bn_train=False, output_fn=None):
             z0 = f(flat0).detach()
             jac = jacobian(f, flat0).reshape(z0.numel(), -1)
             hz = hessian(lambda z: loss_fn(z, y), z0).reshape(z0.numel(), z0.numel())
-            g += len(y) / total * jac.T @ hz @ jac
+            g += examples(x) / total * jac.T @ hz @ jac
     return g
 
 
@@ -207,6 +229,8 @@ CASES = {  # name: (model, loss_fn, batches); batches of unequal sizes (and leng
     "gpt-multihead-attention": (lambda: built(TinyGPT), lm_loss, tokens((4, 2), (3, 5))),
     "gpt-sdpa-causal": (lambda: built(lambda: TinyGPT(sdpa=True)), lm_loss,
                         tokens((4, 2), (3, 5))),
+    "gpt-flattened-positions": (lambda: built(FlatGPT), F.cross_entropy,
+                                flat_targets(tokens((4, 2), (3, 5)))),
     "transformer-encoder": (lambda: built(Encoder), F.cross_entropy, tokens((3, 2), (3, 4), 3)),
     "lstm": (lambda: built(lambda: Recurrent(nn.LSTM)), F.cross_entropy,
              tokens((3, 2), (4, 2), 3)),
