@@ -229,15 +229,6 @@ def realised_curvature(model, loss_fn, x, y, pending, *, ghost_batch_size=None,
                            along)))
 
 
-# --- regularisers: augmentation, mixup, SAM (train_regularisers.py, batch_lr.py) ---------------
-#
-# All randomness comes from an explicit CPU torch.Generator (so a checkpoint can save its state
-# and a resumed run draws the same numbers); the draws are small and moved to the data's device,
-# the images never leave it.
-import contextlib
-
-
-
 def end_of_training_metrics(model, loss_fn, data, seed, *, measure_size, ghost_batch_size,
                             eig_tol=1e-4, eig_max_iter=100, gauss_newton=False,
                             batch_size=1000, lipschitz_pairs=0):

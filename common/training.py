@@ -1,5 +1,6 @@
 """Training: losses, the ghost-batch gradient, the one optimiser step every script takes
-(`train_step`), evaluation, and the regularisers' batch transforms (augmentation, mixup).
+(`train_step`), evaluation, the regularisers' batch transforms (augmentation, mixup), the
+Jacobian penalty (`jacobian_penalty`) and the start-of-run gradient check (`gradient_check`).
 
 All randomness comes from an explicit CPU torch.Generator (so a checkpoint can save its state
 and a resumed run draws the same numbers); the draws are small and moved to the data's device,
