@@ -38,6 +38,7 @@ synthetic stand-in of CIFAR-10, said on the terminal and in the plot titles)
 Writes, under --out (default results/train_regularisers; results/train_regularisers_smoke
 with --smoke):
     <dataset=..._model=..._batch_norm=..._lr=..._<regularisers>_trial=...-hash>/{config,metrics,result}.json
+        metrics: per epoch the mean batch loss, the learning rate and the weight norm
     plots/fig20..27_<dataset>_<model>_<bn|no-bn>.{png,pdf}  a row per sweep, a column per metric,
         line style per initial learning rate. Figure 2 is the weight-decay row, Figure 5 the
         other rows of fig23 (ResNet18 with BN on CIFAR-10).
@@ -320,7 +321,9 @@ def train(config, args, data, device):
                 run.finish("diverged", epoch=epoch)
                 return run.load()
             total, count = total + loss * len(idx), count + len(idx)
-        run.log(epoch + 1, batch_loss=total / count, lr=learning_rate(config, epoch))
+        # The weight norm per epoch shows whether it grows without weight decay (Sec. 6.1).
+        run.log(epoch + 1, batch_loss=total / count, lr=learning_rate(config, epoch),
+                weight_norm=common.weight_norm(model))
         run.checkpoint(lambda: common.training_state(epoch + 1, model, optimizer,
                                                      generator=generator.get_state(),
                                                      seconds=time.monotonic() - started),
