@@ -251,7 +251,7 @@ def table_and_fit_values(trials, x, y, grid_points=401):
     weight norm; and the fitted function on a grid of [-1, 1] for Figure 32."""
     grid = torch.linspace(-1, 1, grid_points, device=x.device).unsqueeze(1)
     out = {k: [] for k in ("loss", "jacobian", "sharpness", "sharpness_converged",
-                           "first_layer_norm", "layer_jacobians")}
+                           "sharpness_matvecs", "first_layer_norm", "layer_jacobians")}
     with torch.no_grad():
         out["loss"] = trials.losses(x, y).cpu().tolist()
         out["fit"] = trials(grid)[..., 0].cpu().tolist()  # (T, grid_points)
@@ -262,9 +262,9 @@ def table_and_fit_values(trials, x, y, grid_points=401):
         out["jacobian"].append(common.jacobian_norm(model, x, softmax=False) if finite else math.nan)
         row = (common.eigenvalue_with_convergence(common.sharpness, "sharpness", model,
                                                   F.mse_loss, [(x, y)]) if finite
-               else {"sharpness": math.nan, "sharpness_converged": None})
-        out["sharpness"].append(row["sharpness"])
-        out["sharpness_converged"].append(row["sharpness_converged"])
+               else {"sharpness": math.nan, "sharpness_converged": None, "sharpness_matvecs": None})
+        for k in ("sharpness", "sharpness_converged", "sharpness_matvecs"):
+            out[k].append(row[k])
         out["first_layer_norm"].append(model.linears()[0].weight.norm().item())
         out["layer_jacobians"].append(layer_jacobians(model, x) if finite
                                       else [math.nan] * len(model.linears()))

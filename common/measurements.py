@@ -55,10 +55,12 @@ def recorded_convergence():
 
 
 def eigenvalue_with_convergence(estimator, name, *args, **kwargs):
-    """{name: top eigenvalue, name_converged: bool} from `estimator(..., return_info=True)`."""
+    """{name: top eigenvalue, name_converged: bool, name_matvecs: products used} from
+    `estimator(..., return_info=True)`."""
     with recorded_convergence():
         info = estimator(*args, return_info=True, **kwargs)
-    return {name: info.eigenvalues[0], f"{name}_converged": info.converged}
+    return {name: info.eigenvalues[0], f"{name}_converged": info.converged,
+            f"{name}_matvecs": info.matvecs}
 
 
 def progressive_sharpening_metrics(model, loss_fn, x, y, *, ghost_batch_size=None, tol=1e-3,
