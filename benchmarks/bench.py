@@ -15,7 +15,10 @@ On one model and one real CIFAR-10 batch, in one process, it measures:
     float64 jacrev + SVD reference;
   - cost of one HVP in units of one gradient on the same batch;
   - training: one ghost-batch full-batch gradient step and one SGD epoch on a subset with our
-    device-resident tensors vs a conventional torchvision DataLoader loop (images per second).
+    device-resident tensors vs a conventional torchvision DataLoader loop (images per second);
+  - equal_accuracy (not in the default sections): sharpness, ours against PyHessian at equal
+    actual error (1e-3 and 1e-4 against the float64 reference), each at its cheapest tol that
+    gets there, over several seeds (see equal_accuracy.py); with the cost of one product each.
 Models: a small CNN without BN and VGG11 / ResNet18 without BN (reduced width on CPU), so that
 every tool differentiates the same function (PyHessian switches the model to eval mode; without
 BN and dropout, train and eval mode agree). The training comparison uses VGG11 with BN.
@@ -27,6 +30,10 @@ Tiny check (synthetic data, seconds): python3 benchmarks/bench.py --smoke --data
 synthetic-cifar10 --out /tmp/bench
 Missing PyHessian / curvlinops: their rows are left out (the machine line says "not installed").
 Redraw the table from saved results: --plot-only.
+Equal accuracy alone, merged into the saved results (about 17 minutes on one shared core;
+the extra seeds stop after --accuracy-budget minutes):
+    python3 benchmarks/bench.py --data-root ../shared/data --threads 1 --trials 1 \
+        --sections equal_accuracy --merge
 
 Writes, under --out (default benchmarks/): results.json (every number, the machine, the config)
 and RESULTS.md (the markdown table, also printed).
@@ -50,8 +57,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import equal_accuracy  # noqa: E402  (benchmarks/ is on the path: run as a script or by the tests)
 
 SECTIONS = ("sharpness", "gauss_newton", "jacobian", "training")
+ALL_SECTIONS = SECTIONS + ("equal_accuracy",)
 BENCH_MODELS = ("cnn", "vgg11", "resnet18")
 # --smoke: a tiny config (synthetic data works; about half a minute on one core)
 SMOKE = dict(trained_steps=2, trials=1, batch_size=16, jacobian_size=4, train_size=64, sgd_batch_size=16,
@@ -68,7 +77,7 @@ def parse_args(argv=None):
     parser = common.make_parser(__doc__, trials=3, out="benchmarks")
     parser.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS))
     parser.add_argument("--models", nargs="+", default=list(BENCH_MODELS), choices=BENCH_MODELS)
-    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=ALL_SECTIONS)
     parser.add_argument("--width", type=float, default=None,
                         help="VGG11 / ResNet18 width multiplier (default: 0.125 on CPU, 1 on CUDA)")
     parser.add_argument("--batch-size", type=int, default=128,
@@ -89,13 +98,33 @@ def parse_args(argv=None):
     parser.add_argument("--power-tol", type=float, default=1e-4,
                         help="plain power method: stop when the eigenvalue changes by less (relative)")
     parser.add_argument("--power-max-iter", type=int, default=100)
+    g = parser.add_argument_group("equal_accuracy section")
+    g.add_argument("--ours-tols", type=float, nargs="+", default=list(equal_accuracy.OURS_TOLS))
+    g.add_argument("--pyhessian-tols", type=float, nargs="+",
+                   default=list(equal_accuracy.PYHESSIAN_TOLS))
+    g.add_argument("--accuracy-targets", type=float, nargs="+",
+                   default=list(equal_accuracy.ACCURACY_TARGETS),
+                   help="relative errors against the float64 reference")
+    g.add_argument("--pyhessian-max-iter", type=int, default=1000)
+    g.add_argument("--accuracy-seeds", type=int, default=3,
+                   help="seeds (from --seed) at each chosen setting")
+    g.add_argument("--accuracy-budget", type=float, default=10.0,
+                   help="minutes: past this, chosen settings are run at the base seed only")
+    g.add_argument("--merge", action="store_true",
+                   help="with --sections equal_accuracy only: replace that section in the saved "
+                        "results.json under --out and keep everything else")
     args = parser.parse_args(argv)
     if args.smoke:  # tiny defaults; flags given explicitly still win
         parser.set_defaults(**SMOKE)
         args = parser.parse_args(argv)
     common.check(args.trained_steps >= 0, f"--trained-steps must be >= 0, got {args.trained_steps}")
     common.check_positive(args, "trained_lr", "batch_size", "jacobian_size", "train_size", "sgd_batch_size",
-                          "chunk_size", "power_tol", "power_max_iter")
+                          "chunk_size", "power_tol", "power_max_iter", "pyhessian_max_iter",
+                          "accuracy_seeds", "accuracy_budget")
+    common.check(not args.merge or args.sections == ["equal_accuracy"],
+                 "--merge is for --sections equal_accuracy alone")
+    common.check(all(t > 0 for t in args.ours_tols + args.pyhessian_tols + args.accuracy_targets),
+                 "--ours-tols/--pyhessian-tols/--accuracy-targets must be positive")
     common.check(args.width is None or args.width > 0, f"--width must be positive, got {args.width}")
     common.check(args.threads >= 0, f"--threads must be >= 0, got {args.threads}")
     common.check(all(w >= 0 for w in args.workers), f"--workers must be >= 0, got {args.workers}")
@@ -285,6 +314,26 @@ def hvp_seconds(model, x, y, device, repeats):
     return seconds, build
 
 
+def pyhessian_hvp_seconds(model, x, y, device, repeats):
+    """Median time of one PyHessian HVP (`hessian_vector_product` on the graph its `hessian`
+    object built), the model restored afterwards as in `sharpness_pyhessian`."""
+    import pyhessian.hessian  # noqa: F401
+    ph = sys.modules["pyhessian.hessian"]
+    was_training = model.training
+    model.zero_grad(set_to_none=True)
+    try:
+        h = ph.hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=x.is_cuda)
+        g = torch.Generator().manual_seed(1)
+        v = [torch.randn(p.shape, generator=g).to(p) for p in h.params]
+        ph.hessian_vector_product(h.gradsH, h.params, v)  # warm-up
+        seconds, _ = timed(lambda: ph.hessian_vector_product(h.gradsH, h.params, v), device,
+                           repeats)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return seconds
+
+
 def curvlinops_product_seconds(operator_class, model, x, y, device, repeats):
     params = [p for p in model.parameters() if p.requires_grad]
     op = operator_class(model, nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False)
@@ -432,6 +481,44 @@ def bench_sharpness(model, x, y, args, device, libs):
     return {"reference": reference, "methods": rows}
 
 
+def bench_equal_accuracy(model, x, y, args, device, libs, deadline):
+    """Ours and PyHessian at equal actual error (equal_accuracy.compare): every run timed here,
+    one after the other, on the same model state."""
+    import warnings
+    reference = reference_top_eigenvalue(common.hessian_operator, model, x, y)
+
+    def run_ours(tol, seed):
+        def fn():
+            with warnings.catch_warnings():  # a run stopped by max_iter is recorded as such
+                warnings.simplefilter("ignore", common.ConvergenceWarning)
+                return common.sharpness(model, F.cross_entropy, [(x, y)], tol=tol,
+                                        generator=torch.Generator().manual_seed(seed),
+                                        return_info=True)
+        seconds, info = timed(fn, device, args.trials)
+        return dict(value=info.eigenvalues[0], products=info.matvecs, seconds=seconds,
+                    converged=bool(info.converged))
+
+    def run_pyhessian(tol, seed):
+        seconds, (value, products) = timed(lambda: sharpness_pyhessian(
+            model, x, y, seed, tol=tol, maxIter=args.pyhessian_max_iter), device, args.trials)
+        return dict(value=value, products=products, seconds=seconds)
+
+    seeds = [args.seed + i for i in range(args.accuracy_seeds)]
+    return equal_accuracy.compare(run_ours, run_pyhessian if libs["pyhessian"] else None,
+                                  reference, seeds, tuple(sorted(args.ours_tols, reverse=True)),
+                                  tuple(sorted(args.pyhessian_tols, reverse=True)),
+                                  tuple(sorted(args.accuracy_targets, reverse=True)), deadline)
+
+
+def equal_accuracy_cost(model, x, y, device, libs, repeats=5):
+    """One gradient, one of our HVPs and one PyHessian HVP on the same batch, side by side."""
+    cost = dict(gradient_s=gradient_seconds(model, x, y, device, repeats))
+    cost["ours_hvp_s"], cost["ours_graph_build_s"] = hvp_seconds(model, x, y, device, repeats)
+    if libs["pyhessian"]:
+        cost["pyhessian_hvp_s"] = pyhessian_hvp_seconds(model, x, y, device, repeats)
+    return cost
+
+
 def bench_gauss_newton(model, x, y, args, device, libs):
     reference = reference_top_eigenvalue(common.gauss_newton_operator, model, x, y)
 
@@ -570,6 +657,8 @@ def check_targets(results):
                     value=speedup, error=ours_j["error"],
                     met=bool(speedup >= TARGETS["jacobian_speedup_vs_power"]
                              and ours_j["error"] <= 1e-5))
+    if "equal_accuracy" in results:
+        out.update(equal_accuracy.targets(results["equal_accuracy"]))
     t = results.get("training")
     if t:
         loops = t["loops"]
@@ -654,11 +743,15 @@ def markdown(results):
         for name, row in t["loops"].items():
             lines.append(f"| {name} | {row['seconds']:.2f} | {row['images_per_s']:.0f} |")
         lines.append("")
+    if "equal_accuracy" in results:
+        lines += equal_accuracy.markdown(results["equal_accuracy"])
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for name, row in results["targets"].items():
         err = f" (our error {row['error']:.1e}" if "error" in row else ""
         if "baseline_error" in row:
             err += f"; PyHessian's {row['baseline_error']:.1e}"
+        if "note" in row:
+            err += f"; {row['note']}"
         err += ")" if err else ""
         met = {True: "yes", False: "**no**", None: "not measurable here"}[row["met"]]
         lines.append(f"| {name} | {row['value']:.2f}{err} | {met} |")
@@ -681,11 +774,29 @@ def run(args, device):
                "models": {}}
     x, y = data.x_train[:args.batch_size], data.y_train[:args.batch_size]
     xj = data.x_train[:args.jacobian_size]
+    ea, ea_seconds = None, 0.0
+    if "equal_accuracy" in args.sections:
+        keys = ("dataset", "batch_size", "width", "trained_steps", "trained_lr", "ours_tols",
+                "pyhessian_tols", "accuracy_targets", "pyhessian_max_iter", "trials", "threads")
+        ea = results["equal_accuracy"] = {
+            "machine": results["machine"], "models": {},
+            "config": dict({k: getattr(args, k) for k in keys},
+                           seeds=[args.seed + i for i in range(args.accuracy_seeds)])}
+        ea_start = time.perf_counter()
+
+        def deadline():
+            return time.perf_counter() - ea_start > 60 * args.accuracy_budget
     bar = common.progress(total=len(args.models) + 1, disable=args.no_progress, desc="bench")
     for name in args.models:
         model = build_bench_model(name, args.width, data.num_classes, args.seed, device)
         r = results["models"][name] = {"parameters": parameter_count(model)}
         gradient_seconds(model, x, y, device, 1)  # warm-up (allocator, kernels)
+        if ea is not None:
+            start = time.perf_counter()
+            e = ea["models"][name] = {"parameters": r["parameters"],
+                                      "cost": equal_accuracy_cost(model, x, y, device, libs)}
+            e["init"] = bench_equal_accuracy(model, x, y, args, device, libs, deadline)
+            ea_seconds += time.perf_counter() - start
         if "sharpness" in args.sections:
             r["cost_per_hvp"] = bench_cost_per_hvp(model, x, y, args, device, libs)
             r["sharpness"] = bench_sharpness(model, x, y, args, device, libs)
@@ -693,14 +804,22 @@ def run(args, device):
             r["gauss_newton"] = bench_gauss_newton(model, x, y, args, device, libs)
         if "jacobian" in args.sections:
             r["jacobian"] = bench_jacobian(model, xj, args, device)
-        if "sharpness" in args.sections and args.trained_steps:
+        if args.trained_steps and ("sharpness" in args.sections or ea is not None):
             r["trained"] = train_on_batch(model, x, y, args.trained_steps, args.trained_lr)
-            r["sharpness_trained"] = bench_sharpness(model, x, y, args, device, libs)
+            if "sharpness" in args.sections:
+                r["sharpness_trained"] = bench_sharpness(model, x, y, args, device, libs)
+            if ea is not None:
+                start = time.perf_counter()
+                e["trained_state"] = r["trained"]
+                e["trained"] = bench_equal_accuracy(model, x, y, args, device, libs, deadline)
+                ea_seconds += time.perf_counter() - start
         bar.update()
     if "training" in args.sections:
         results["training"] = bench_training(data, args, device)
     bar.update()
     bar.close()
+    if ea is not None:
+        ea["wall_s"] = ea_seconds
     return results
 
 
@@ -718,6 +837,10 @@ def main(args):
         start = time.perf_counter()
         results = run(args, device)
         results["wall_s"] = time.perf_counter() - start
+        if args.merge and (out / "results.json").exists():
+            saved = common.load_json(out / "results.json")
+            saved["equal_accuracy"] = results["equal_accuracy"]
+            results = saved
         results["targets"] = check_targets(results)
         common.save_json(out / "results.json", results)
     results["targets"] = check_targets(results)  # derived: --plot-only recomputes them

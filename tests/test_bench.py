@@ -77,7 +77,56 @@ def test_compares_with_pyhessian_and_curvlinops(tmp_path):
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--width", "-1"], "--width must be positive"),
     (["--threads", "-2"], "--threads must be >= 0"),
+    (["--merge"], "--merge is for --sections equal_accuracy alone"),
 ])
 def test_bad_arguments_exit_2(argv, message, tmp_path, bad_arguments):
     bad_arguments(bench, ["--dataset", "synthetic-cifar10", "--out", tmp_path / "out", *argv],
                   message, tmp_path / "out")
+
+
+def fake_run(trajectory):
+    """A run(tol, seed) returning the first value of `trajectory` (products, value) whose tol
+    stop rule (change below tol) holds; seconds = products / 10."""
+    def run(tol, seed):
+        previous = None
+        for products, value in trajectory:
+            if previous is not None and abs(value - previous) <= tol * abs(value):
+                break
+            previous = value
+        return dict(value=value, products=products, seconds=products / 10 + seed / 100,
+                    converged=True)
+    return run
+
+
+def test_equal_accuracy_picks_the_cheapest_setting_within_each_target():
+    import equal_accuracy as ea
+    reference = 1.0
+    ours = fake_run([(n, 1 - 0.5 * 10.0 ** -n) for n in range(1, 12)])  # error 5e-(n+1)
+    slow = fake_run([(n, 1 - 0.5 ** n) for n in range(1, 60)])  # error 2^-n
+    out = ea.compare(ours, slow, reference, seeds=[0, 1], ours_tols=(1e-1, 1e-2, 1e-3, 1e-4),
+                     pyhessian_tols=(1e-2, 1e-3, 1e-4, 1e-5), targets=(1e-3, 1e-4))
+    t3, t4 = out["targets"]["0.001"], out["targets"]["0.0001"]
+    # ours: tol 1e-2 stops after 3 products (change 4.5e-3 <= 1e-2) with error 5e-4, tol 1e-3
+    # after 4 with error 5e-5
+    assert (t3["ours"]["tol"], t3["ours"]["products"]) == (1e-2, 3)
+    assert (t4["ours"]["tol"], t4["ours"]["products"]) == (1e-3, 4)
+    assert t3["pyhessian"]["error"] <= 1e-3 < t3["pyhessian"]["products"] and t3["met"] is not None
+    assert t4["pyhessian"]["error"] <= 1e-4 and t4["pyhessian"]["reached_all_seeds"]
+    assert t4["ratio_products"] == t4["pyhessian"]["products"] / t4["ours"]["products"]
+    assert t4["ratio_seconds_worst"] == pytest.approx(
+        t4["pyhessian"]["max_seconds"] / t4["ours"]["max_seconds"])
+    assert out["ours_converged_honest"] == f"{len(out['runs']['ours'])}/{len(out['runs']['ours'])}"
+    # the walk stops at the first setting within the tightest target: tol 1e-4 not run
+    assert {r["tol"] for r in out["runs"]["ours"]} == {1e-1, 1e-2, 1e-3}
+
+
+def test_equal_accuracy_reports_a_baseline_that_never_gets_there_as_a_lower_bound():
+    import equal_accuracy as ea
+    ours = fake_run([(n, 2 - 10.0 ** -n) for n in range(1, 12)])
+    wrong = fake_run([(n, 1.5 - 0.5 ** n) for n in range(1, 60)])  # converges to 1.5, not 2
+    out = ea.compare(ours, wrong, 2.0, seeds=[0], targets=(1e-3,))
+    entry = out["targets"]["0.001"]
+    assert not entry["pyhessian"]["reached"] and entry["lower_bound"] and entry["met"]
+    assert entry["pyhessian"]["tol"] == ea.PYHESSIAN_TOLS[-1]  # every setting was tried
+    rows = ea.targets({"models": {"m": {"init": out}}})
+    assert "lower bound" in next(iter(rows.values()))["note"]
