@@ -229,6 +229,13 @@ def lower_at_larger_lr(files, quantities):
 
 
 @check
+def higher_at_larger_lr(files, quantities):
+    """Per (network, batch, trial): each quantity at lr 0.1 above its value at lr 0.01."""
+    return {k: Setting([-x for x in g.signs], -g.apart, -g.mean)
+            for k, g in lower_at_larger_lr(files, quantities).items()}
+
+
+@check
 def rises_with_batch(files, quantity, lrs):
     """Per (network, lr, trial): the sign of Kendall's tau between the batch size and the quantity;
     the spread test compares the smallest and the largest batch."""
