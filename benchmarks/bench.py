@@ -41,6 +41,7 @@ and RESULTS.md (the markdown table, also printed).
 Shared flags: --trials is the number of timing repeats (the median is reported); --seed seeds the
 models, start vectors and shuffles.
 """
+import contextlib
 import copy
 import math
 import os
@@ -58,6 +59,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 import equal_accuracy  # noqa: E402  (benchmarks/ is on the path: run as a script or by the tests)
+from equal_accuracy import relative_error  # noqa: E402
 
 SECTIONS = ("sharpness", "gauss_newton", "jacobian", "training")
 ALL_SECTIONS = SECTIONS + ("equal_accuracy",)
@@ -255,19 +257,27 @@ def sharpness_pyhessian(model, x, y, seed, **options):
     """PyHessian, by default with its defaults (power iteration, tol 1e-3 on the relative change,
     maxIter 100); `options` go to `eigenvalues`. It leaves the model in eval mode with
     graph-carrying .grad fields: both are undone afterwards."""
-    import pyhessian.hessian  # noqa: F401  (the package re-exports the class under this name)
-    ph = sys.modules["pyhessian.hessian"]
-    was_training = model.training
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)  # PyHessian draws its start vector from the global generator
-    try:
+    with pyhessian_session(model) as ph:
+        torch.manual_seed(seed)  # PyHessian draws its start vector from the global generator
         with CountCalls(ph, "hessian_vector_product") as counter:
             h = ph.hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=x.is_cuda)
             eigenvalues, _ = h.eigenvalues(**options)
+    return eigenvalues[0], counter.count
+
+
+@contextlib.contextmanager
+def pyhessian_session(model):
+    """The pyhessian.hessian module, with the model's .grad fields cleared before and after and
+    its train/eval mode restored after (PyHessian switches to eval mode and leaves
+    graph-carrying .grad fields)."""
+    import pyhessian.hessian  # noqa: F401  (the package re-exports the class under this name)
+    was_training = model.training
+    model.zero_grad(set_to_none=True)
+    try:
+        yield sys.modules["pyhessian.hessian"]
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return eigenvalues[0], counter.count
 
 
 def curvlinops_top_eigenvalue(operator_class, model, x, y):
@@ -316,21 +326,14 @@ def hvp_seconds(model, x, y, device, repeats):
 
 def pyhessian_hvp_seconds(model, x, y, device, repeats):
     """Median time of one PyHessian HVP (`hessian_vector_product` on the graph its `hessian`
-    object built), the model restored afterwards as in `sharpness_pyhessian`."""
-    import pyhessian.hessian  # noqa: F401
-    ph = sys.modules["pyhessian.hessian"]
-    was_training = model.training
-    model.zero_grad(set_to_none=True)
-    try:
+    object built), the model restored afterwards (`pyhessian_session`)."""
+    with pyhessian_session(model) as ph:
         h = ph.hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=x.is_cuda)
         g = torch.Generator().manual_seed(1)
         v = [torch.randn(p.shape, generator=g).to(p) for p in h.params]
         ph.hessian_vector_product(h.gradsH, h.params, v)  # warm-up
         seconds, _ = timed(lambda: ph.hessian_vector_product(h.gradsH, h.params, v), device,
                            repeats)
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
     return seconds
 
 
@@ -449,10 +452,6 @@ def full_batch_step_loader(model, optimizer, loader, n, device):
 
 
 # ----------------------------------------------------------------------------- measurements
-
-
-def relative_error(value, reference):
-    return abs(value - reference) / abs(reference)
 
 
 def bench_sharpness(model, x, y, args, device, libs):
