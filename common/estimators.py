@@ -910,7 +910,7 @@ def _operator_eigenvalues(operator, model, k, method, tol, max_iter, generator, 
 
 
 def sharpness(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5, max_iter=100,
-              generator=None, reuse_graph=True, gradient_start=True, return_info=False,
+              generator=None, reuse_graph=True, gradient_start=False, return_info=False,
               process_group=None, bn_mode="train", output_fn=None):
     """Sharpness: the largest eigenvalue of the loss Hessian w.r.t. the trainable parameters.
 
@@ -943,8 +943,11 @@ def sharpness(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5, max_i
         reuse_graph: see `hessian_operator`.
         gradient_start: mix the loss gradient (free from the reused graph) into the random
             start vector. The gradient lies largely in the top Hessian eigenspace (Gur-Ari et
-            al., 2018), so Lanczos needs fewer products; the random part keeps the start
-            generic. Ignored when reuse_graph=False.
+            al., 2018): about 10-15% fewer products (benchmarks/RESULTS.md). Off by default:
+            where the gradient leans on the 2nd eigenvector (the edge of stability), the
+            verification can miss a top eigenvalue close above it (`top_eigenvalues`, "Known
+            limit"; false stops 12/180 against 0/180 from a random start). Ignored when
+            reuse_graph=False.
         return_info: return the full `EigenResult` (eigenvalues, products, convergence).
         process_group: torch.distributed group; each rank passes its own batches (possibly
             none) and all return the value for the union of them. The Lanczos vectors are

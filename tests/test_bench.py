@@ -25,7 +25,7 @@ def test_runs_without_optional_packages(tmp_path, monkeypatch, capsys):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["machine"]["pyhessian"] == "not installed"
     vgg = saved["models"]["vgg11"]
-    assert set(vgg["sharpness"]["methods"]) == {"ours (Lanczos)", "ours, random start (before)",
+    assert set(vgg["sharpness"]["methods"]) == {"ours (Lanczos)", "ours, gradient start (opt-in)",
                                                 "ours, tol 1e-3", "plain power (double backward)"}
     assert set(vgg["gauss_newton"]["methods"]) == {"ours (Lanczos)"}
     # our estimators agree with the float64 references on this tiny problem
@@ -77,11 +77,26 @@ def test_compares_with_pyhessian_and_curvlinops(tmp_path):
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--width", "-1"], "--width must be positive"),
     (["--threads", "-2"], "--threads must be >= 0"),
-    (["--merge"], "--merge is for --sections equal_accuracy alone"),
+    (["--merge"], "--merge is for --sections sharpness and/or equal_accuracy alone"),
 ])
 def test_bad_arguments_exit_2(argv, message, tmp_path, bad_arguments):
     bad_arguments(bench, ["--dataset", "synthetic-cifar10", "--out", tmp_path / "out", *argv],
                   message, tmp_path / "out")
+
+
+def test_merge_replaces_only_the_rerun_sections():
+    saved = {"machine": {"date": "old"}, "training": {"t": 1}, "equal_accuracy": {"e": "old"},
+             "models": {"cnn": {"parameters": 5, "sharpness": "old", "gauss_newton": "kept",
+                                "jacobian": "kept"}}}
+    new = {"machine": {"date": "new"}, "equal_accuracy": {"e": "new"},
+           "models": {"cnn": {"parameters": 5, "sharpness": "new", "trained": "t"}}}
+    out = bench.merged(saved, new, ["sharpness"])
+    cnn = out["models"]["cnn"]
+    assert (cnn["sharpness"], cnn["trained"], cnn["gauss_newton"], cnn["jacobian"]) == (
+        "new", "t", "kept", "kept")
+    assert out["equal_accuracy"] == {"e": "old"} and out["training"] == {"t": 1}
+    assert out["sharpness_rerun"]["date"] == "new" and out["machine"]["date"] == "old"
+    assert bench.merged(saved, new, ["equal_accuracy"])["equal_accuracy"] == {"e": "new"}
 
 
 def fake_run(trajectory):
