@@ -30,6 +30,7 @@ import common  # noqa: E402
 def parse_args(argv=None):
     parser = common.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic-cifar10"])
     parser.add_argument("--models", nargs="+", default=["cnn", "vgg11"],
                         choices=["cnn", "vgg11", "resnet18"])
     parser.add_argument("--seeds", type=int, default=3)
@@ -59,7 +60,7 @@ def main(args):
 
     class Data:  # bench.py's defaults
         dataset, data_root, batch_size, jacobian_size, train_size, download = (
-            "cifar10", args.data_root, 128, 64, 128, False)
+            args.dataset, args.data_root, 128, 64, 128, False)
     data = bench.load_images(Data, torch.device("cpu"))
     x, y = data.x_train[:128], data.y_train[:128]  # (128, 3, 32, 32), (128,)
     out = {"config": vars(args), "torch": torch.__version__, "models": {}}

@@ -145,3 +145,19 @@ def test_equal_accuracy_reports_a_baseline_that_never_gets_there_as_a_lower_boun
     assert entry["pyhessian"]["tol"] == ea.PYHESSIAN_TOLS[-1]  # every setting was tried
     rows = ea.targets({"models": {"m": {"init": out}}})
     assert "lower bound" in next(iter(rows.values()))["note"]
+
+
+def test_krylov_floor_errors_never_rise_along_the_chain(tmp_path):
+    """The chain's top Ritz value is the largest Rayleigh quotient over a growing space: from
+    below, its error cannot rise with m (what makes the fewest-products floor meaningful)."""
+    import krylov_floor
+    out = tmp_path / "floor.json"
+    krylov_floor.main(krylov_floor.parse_args(
+        ["--dataset", "synthetic-cifar10", "--models", "cnn", "--seeds", "1",
+         "--max-products", "6", "--out", str(out)]))
+    saved = json.loads(out.read_text())
+    for state in ("cnn init", "cnn trained"):
+        errors = saved["models"][state]["errors"]["0"]
+        assert len(errors) == 6
+        assert all(b <= a * (1 + 1e-6) + 1e-9 for a, b in zip(errors, errors[1:]))
+        assert errors[-1] < errors[0]
