@@ -386,7 +386,9 @@ def plot(args, out):
         reduced = not (args.width == 1 and args.train_size is None)
         fig.suptitle(f"{model} {'with' if bn else 'without'} BN on {common.dataset_label(dataset)}"
                      f", {common.scale_label(args, reduced)}, {args.epochs} epochs of batch "
-                     f"{args.batch_size}:\nend of training, mean ± std over {trials} trials (τ: Kendall, over cells)")
+                     f"{args.batch_size}:\nend of training, weight decay {args.weight_decay:g} "
+                     f"outside its own sweep, mean ± std over {trials} trials "
+                     f"(τ: Kendall, over cells)")
         number = FIGURES.get((dataset.removeprefix("synthetic-"), model, bn))
         stem = f"fig{number}_{name}" if number else name
         paths += common.save_figure(fig, f"{out}/plots/{stem}",

@@ -373,6 +373,15 @@ def gauss_newton_close(files, tolerance):
     return out
 
 
+@check
+def tau_lower_without_weight_decay(files, quantity="sharpness"):
+    """Per sweep (a unit: one tau over its cells): tau(gap, quantity) without weight decay (first
+    file) below its value with it (second file)."""
+    without, with_ = (load(name) for name in files)
+    key = f"tau_gap_{quantity}"
+    return {"sweeps": Setting([sign(with_[g][key] - without[g][key]) for g in sorted(without)])}
+
+
 def test_verdicts_obey_the_standard_where_it_is_mechanical():
     table = {row[0]: row for row in rows()}
     specs = json.loads(CHECKS_FILE.read_text())["rows"]
