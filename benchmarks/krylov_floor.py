@@ -13,8 +13,6 @@ the speed ratio any stop rule of ours could reach, the verification not counted.
 Writes benchmarks/krylov_floor.json (per model and state: the reference, each seed's errors
 for m = 1..M, the fewest products reaching each target).
 """
-import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -51,24 +49,22 @@ def chain_errors(matvec, dim, reference, m_max, seed):
             warnings.simplefilter("ignore", common.ConvergenceWarning)
             r = common.top_eigenvalues(matvec, dim, tol=1e-12, max_iter=m,
                                        generator=torch.Generator().manual_seed(seed))
-        errors.append(abs(r.eigenvalues[0] - reference) / abs(reference))
+        errors.append(bench.relative_error(r.eigenvalues[0], reference))
     return errors
 
 
 def main(args):
     torch.set_num_threads(1)
-
-    class Data:  # bench.py's defaults
-        dataset, data_root, batch_size, jacobian_size, train_size, download = (
-            args.dataset, args.data_root, 128, 64, 128, False)
-    data = bench.load_images(Data, torch.device("cpu"))
-    x, y = data.x_train[:128], data.y_train[:128]  # (128, 3, 32, 32), (128,)
+    cfg = bench.parse_args(["--dataset", args.dataset, "--data-root", args.data_root])  # its defaults
+    width = 0.125 if cfg.width is None else cfg.width  # bench.py's default on a CPU
+    data = bench.load_images(cfg, torch.device("cpu"))
+    x, y = data.x_train[:cfg.batch_size], data.y_train[:cfg.batch_size]  # (128, 3, 32, 32), (128,)
     out = {"config": vars(args), "torch": torch.__version__, "models": {}}
     for name in args.models:
-        model = bench.build_bench_model(name, 0.125, 10, 0, torch.device("cpu"))
+        model = bench.build_bench_model(name, width, data.num_classes, cfg.seed, torch.device("cpu"))
         for state in ("init", "trained"):
             if state == "trained":
-                bench.train_on_batch(model, x, y, 100, 0.05)
+                bench.train_on_batch(model, x, y, cfg.trained_steps, cfg.trained_lr)
             reference = bench.reference_top_eigenvalue(common.hessian_operator, model, x, y)
             matvec, dim = common.hessian_operator(model, torch.nn.functional.cross_entropy,
                                                   [(x, y)])
