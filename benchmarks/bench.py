@@ -839,11 +839,23 @@ def merged(saved, new, sections):
     return saved
 
 
+def saved_results(path):
+    """The results.json of an earlier run, or a one-line error (exit status 2) naming the file."""
+    try:
+        return common.load_json(path)
+    except (OSError, ValueError) as e:
+        common.fail(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]}): "
+                    f"run without --plot-only / --merge to write it again")
+
+
 def main(args):
     out = Path(args.out)
     if args.plot_only:
-        results = common.load_json(out / "results.json")
+        results = saved_results(out / "results.json")
     else:
+        # read before the run, so that a damaged file stops it at once, not after the run
+        saved = saved_results(out / "results.json") if (
+            args.merge and (out / "results.json").exists()) else None
         device = common.resolve_device(args.device)
         if args.width is None:
             args.width = 1.0 if device.type == "cuda" else 0.125
@@ -853,8 +865,8 @@ def main(args):
         start = time.perf_counter()
         results = run(args, device)
         results["wall_s"] = time.perf_counter() - start
-        if args.merge and (out / "results.json").exists():
-            results = merged(common.load_json(out / "results.json"), results, args.sections)
+        if saved is not None:
+            results = merged(saved, results, args.sections)
         results["targets"] = check_targets(results)
         common.save_json(out / "results.json", results)
     results["targets"] = check_targets(results)  # derived: --plot-only recomputes them

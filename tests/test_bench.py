@@ -161,3 +161,17 @@ def test_krylov_floor_errors_never_rise_along_the_chain(tmp_path):
         assert len(errors) == 6
         assert all(b <= a * (1 + 1e-6) + 1e-9 for a, b in zip(errors, errors[1:]))
         assert errors[-1] < errors[0]
+
+
+@pytest.mark.parametrize("flags", [["--plot-only"], ["--sections", "sharpness", "--merge"]])
+def test_damaged_saved_results_stop_with_one_line_and_stay_untouched(flags, tmp_path, cli):
+    """--plot-only and --merge read the saved results.json: a damaged one is named in one line
+    (--merge before any measuring) and left as it was."""
+    from conftest import assert_one_line_error
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{damaged")
+    result = cli.main(bench, ["--smoke", "--dataset", "synthetic-cifar10", "--out", out, *flags])
+    assert_one_line_error(result, f"cannot read {out / 'results.json'}")
+    assert (out / "results.json").read_text() == "{damaged"
+    assert not (out / "RESULTS.md").exists()
