@@ -100,7 +100,7 @@ def parse_args(argv=None):
     common.add_plot_from_flag(parser)
     smoke = dict(out="results/batch_lr_smoke", datasets=["present"], models=["vgg11"], lrs=[0.1, 0.01], batch_sizes=[16, 32],
                  trials=1, train_size=64, test_size=64, measure_size=16, width=0.125, eval_every=4,
-                 window=2, max_iterations=8, eig_tol=3e-2, eig_max_iter=20)
+                 window=2, max_iterations=8, eig_tol=3e-2, eig_max_iter=30)
     args = common.parse_with_smoke(parser, argv, smoke)
     validate(args)
     return args

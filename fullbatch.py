@@ -111,7 +111,7 @@ def parse_args(argv=None):
     smoke = dict(out="results/fullbatch_smoke", dataset="present", models=["vgg11"],
                  lrs=[0.08], trials=2, width=0.0625, train_size=64, ghost_batch_size=32,
                  measure_size=16, max_iterations=4, measure_every=2, eig_tol=1e-2,
-                 eig_max_iter=10)
+                 eig_max_iter=30)
     args = common.parse_with_smoke(parser, argv, smoke)
     common.check_width(args)
     common.check_positive(args, "lrs", "width", "ghost_batch_size", "max_iterations",

@@ -143,7 +143,7 @@ def parse_args(argv=None):
                  mixup_betas=[0.0, 1.0], augment_ps=[0.0, 1.0], sam_rhos=[0.0, 0.05],
                  sweeps=list(SWEEPS), jacobian_penalties=[0.0, 0.1], epochs=2,
                  milestones=[1], train_size=64, test_size=64, batch_size=32, width=0.125,
-                 measure_size=16, eig_tol=3e-2, eig_max_iter=20)
+                 measure_size=16, eig_tol=3e-2, eig_max_iter=30)
     args = common.parse_with_smoke(parser, argv, smoke)
     validate(args)
     return args

@@ -100,7 +100,7 @@ def parse_args(argv=None):
     # --smoke: tiny sizes on synthetic data, in their own folder; options given explicitly win
     smoke = dict(out="results/vgg_sgd_smoke", dataset="present", width=0.0625,
                  train_size=64, batch_size=16, epochs=3, measure_every=2, measure_size=16,
-                 eig_tol=1e-2, eig_max_iter=10)
+                 eig_tol=1e-2, eig_max_iter=30)
     args = common.parse_with_smoke(parser, argv, smoke)
     if args.ghost_batch_size is None:
         args.ghost_batch_size = args.batch_size
