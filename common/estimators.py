@@ -989,7 +989,8 @@ def sharpness(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5, max_i
         reuse_graph: see `hessian_operator`.
         gradient_start: mix the loss gradient (free from the reused graph) into the random
             start vector. The gradient lies largely in the top Hessian eigenspace (Gur-Ari et
-            al., 2018): about 10-15% fewer products (benchmarks/RESULTS.md). Off by default:
+            al., 2018): about 10-15% fewer products with guarantee=None, none saved under the
+            default guarantee's product floor (benchmarks/README.md). Off by default:
             where the gradient leans on the 2nd eigenvector (the edge of stability), the
             verification can miss a top eigenvalue close above it (`top_eigenvalues`, "Known
             limit"; false stops 12/180 against 0/180 from a random start). Ignored when

@@ -266,6 +266,22 @@ def test_start_direction_saves_products_and_keeps_the_answer():
     assert not default.eigenvectors.equal(hinted.eigenvectors)
 
 
+def test_guarantee_reaches_sharpness_and_gauss_newton():
+    """`guarantee` is passed through: the default floor of products applies (more than the
+    bare stop needs at tol 1e-2 on a tiny model), None removes it, and a bad value is refused."""
+    from common.estimators import GUARANTEE, _guaranteed_products
+    model, batches = mlp(nn.Tanh), class_batches([8, 5], (5,))
+    dim = sum(p.numel() for p in model.parameters())
+    for estimate in (sharpness, gauss_newton_norm):
+        held, free = (estimate(model, smooth_ce, batches, tol=1e-2, return_info=True, **kw)
+                      for kw in ({}, {"guarantee": None}))
+        assert held.converged and free.converged
+        assert free.matvecs < _guaranteed_products(dim, GUARANTEE) <= held.matvecs
+        assert rel(free.eigenvalues[0], held.eigenvalues[0]) < 1e-2
+        with pytest.raises(ValueError, match="guarantee"):
+            estimate(model, smooth_ce, batches, guarantee=(2.0, 1e-3))
+
+
 def test_lanczos_past_its_initial_basis_allocation():
     """More steps than the first basis block (16 rows): the basis grows and stays exact."""
     g = torch.Generator().manual_seed(0)
