@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import fullbatch  # noqa: E402
 from common.estimators import (GUARANTEE, ConvergenceWarning, _guaranteed_products,  # noqa: E402
-                               sharpness, top_eigenvalues)
+                               sharpness)
 
 
 def parse_args(argv=None):

@@ -397,7 +397,7 @@ def _reduced(matvec, group):
     return reduced
 
 
-def _check_solver_options(k, tol, max_iter, method, guarantee=None):
+def _check_solver_options(k, tol, max_iter, method, guarantee):
     if guarantee is not None:
         if not (isinstance(guarantee, (tuple, list)) and len(guarantee) == 2
                 and all(isinstance(g, (int, float)) and not isinstance(g, bool)
@@ -723,7 +723,7 @@ def _guaranteed_products(dim, guarantee):
     return math.ceil((math.log(1.65 * math.sqrt(dim) / delta) / math.sqrt(eps) + 1) / 2)
 
 
-def _lanczos(op, dim, k, tol, max_iter, generator, device, start=None, guarantee=GUARANTEE):
+def _lanczos(op, dim, k, tol, max_iter, generator, device, start, guarantee):
     """Lanczos with full reorthogonalisation for the k largest (algebraic) eigenvalues, stopped
     by a residual bound and verified with fresh random vectors.
 
@@ -787,8 +787,9 @@ def _ritz_errors(res, theta, k, floor):
     return [max(res[j], floor) / max(abs(theta[j]), 1e-30) for j in range(min(k, len(theta)))]
 
 
-def _power(op, dim, k, tol, max_iter, generator, device, start=None):
+def _power(op, dim, k, tol, max_iter, generator, device, start, guarantee):
     """Power (subspace) iteration with Rayleigh-Ritz for the k largest (algebraic) eigenvalues.
+    `guarantee` is not used: power iteration promises only the residual bound.
 
     Kept for parity with the paper, which used the power method. Subspace iteration finds the k
     largest in magnitude; if one of them is negative, the iteration is run again on the
@@ -913,7 +914,7 @@ def top_eigenvalues(matvec, dim, k=1, method="lanczos", tol=1e-5, max_iter=100,
 
 
 def _solve(matvec, dim, k, method, tol, max_iter, generator, device, dtype, start,
-           guarantee=GUARANTEE):
+           guarantee):
     """`top_eigenvalues` with its options already checked."""
     if dim < k:
         raise ValueError(f"k={k} exceeds the operator's dimension {dim}")
@@ -925,9 +926,8 @@ def _solve(matvec, dim, k, method, tol, max_iter, generator, device, dtype, star
         device = start.device if isinstance(start, torch.Tensor) else torch.device("cpu")
     generator = torch.Generator().manual_seed(0) if generator is None else generator
     op = _Operator(matvec, dtype, _dtype_candidates(start))
-    options = {"guarantee": guarantee} if method == "lanczos" else {}
     result = _SOLVERS[method](op, dim, k, tol, max_iter, generator, torch.device(device), start,
-                              **options)
+                              guarantee)
     if not result.converged:
         warnings.warn(f"{method} stopped at max_iter={max_iter} before reaching tol={tol:g} "
                       f"(estimated relative errors {[f'{e:.2g}' for e in result.errors]}); "
@@ -944,7 +944,7 @@ def _dtype_candidates(start):
 
 
 def _operator_eigenvalues(operator, model, k, method, tol, max_iter, generator, return_info,
-                          start=None, guarantee=GUARANTEE):
+                          start, guarantee):
     """The operator's top eigenvalue(s), or its EigenResult; the caller checked the options."""
     matvec, dim = operator
     ref = _reference_parameter(model)
@@ -992,8 +992,9 @@ def sharpness(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5, max_i
             al., 2018): about 10-15% fewer products with guarantee=None, none saved under the
             default guarantee's product floor (benchmarks/README.md). Off by default:
             where the gradient leans on the 2nd eigenvector (the edge of stability), the
-            verification can miss a top eigenvalue close above it (`top_eigenvalues`, "Known
-            limit"; false stops 12/180 against 0/180 from a random start). Ignored when
+            verification can miss a top eigenvalue close above it (`top_eigenvalues`; without
+            the floor, false stops 12/180 against 0/180 from a random start; the floor's bound
+            needs a purely random start). Ignored when
             reuse_graph=False.
         return_info: return the full `EigenResult` (eigenvalues, products, convergence).
         process_group: torch.distributed group; each rank passes its own batches (possibly
@@ -1041,7 +1042,7 @@ def gauss_newton_norm(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-
     operator = gauss_newton_operator(model, loss_fn, batches, process_group=process_group,
                                      bn_mode=bn_mode, output_fn=output_fn)
     return _operator_eigenvalues(operator, model, k, method, tol, max_iter, generator,
-                                 return_info, guarantee=guarantee)
+                                 return_info, None, guarantee)
 
 
 def _sample_jacobian_norms_exact(out, x):

@@ -28,11 +28,17 @@ def matrix(top, dim, bulk_top, seed=0):
     return (q * lam) @ q.T, lam, q
 
 
-def solve(a, k, tol, start=None, seed=0, method="lanczos", max_iter=400):
+def solve(a, k, tol, start=None, seed=0, method="lanczos", max_iter=400, guarantee=GUARANTEE):
+    return solve_operator(lambda v: a @ v, a.shape[0], k, tol, start, seed, method, max_iter,
+                          guarantee)
+
+
+def solve_operator(matvec, dim, k, tol, start=None, seed=0, method="lanczos", max_iter=400,
+                   guarantee=GUARANTEE):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return top_eigenvalues(lambda v: a @ v, a.shape[0], k=k, tol=tol, max_iter=max_iter,
-                               method=method, dtype=torch.float64, start=start,
+        return top_eigenvalues(matvec, dim, k=k, tol=tol, max_iter=max_iter, method=method,
+                               dtype=torch.float64, start=start, guarantee=guarantee,
                                generator=torch.Generator().manual_seed(seed))
 
 
@@ -125,20 +131,13 @@ def test_guarantee_prevents_false_stops_where_the_verification_misses():
     def errors(guarantee):
         out = []
         for seed in range(60):
-            res = solve_diagonal(lam, 0.1, seed, guarantee)
+            res = solve_operator(lambda v: lam * v, len(lam), 1, 0.1, seed=seed,
+                                 guarantee=guarantee)
             out.append(1.0 - res.eigenvalues[0] if res.converged else 0.0)
         return out
 
     assert sum(e > 0.1 for e in errors(None)) >= 3  # the case is adversarial
     assert max(errors(GUARANTEE)) <= 0.1
-
-
-def solve_diagonal(lam, tol, seed, guarantee):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return top_eigenvalues(lambda v: lam * v, len(lam), tol=tol, max_iter=400,
-                               dtype=torch.float64, guarantee=guarantee,
-                               generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("mult", [2, 3])
