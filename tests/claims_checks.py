@@ -215,8 +215,9 @@ def median_near_edge(files, tolerance):
             sharp = series(run, "sharpness")
             i = next(k for k, s in enumerate(sharp) if s >= 2 / lr)
             ratios.append(statistics.median(sharp[i:]) / (2 / lr))
-        off = [abs(r - 1) for r in ratios]
-        out[model, lr] = threshold(off, [tolerance] * len(off))
+        setting = threshold([abs(r - 1) for r in ratios], [tolerance] * len(ratios))
+        setting.mean = 1 if abs(mean(ratios) - 1) <= tolerance else 0
+        out[model, lr] = setting
     return out
 
 
@@ -293,8 +294,9 @@ def plateaus(files, quantity, smoothings, window, tolerance, floor):
 
         signs = [verdict(f, b, p) for f, b, p in zip(final, before, peak)]
         ratios = [f / b for f, b in zip(final, before)]
-        spread = 1 if max(abs(r - 1) for r in ratios) <= tolerance and min(final) > floor * max(peak) else 0
-        out[smoothing] = Setting(signs, spread, max(verdict(mean(final), mean(before), mean(peak)), 0))
+        spread = (1 if max(abs(r - 1) for r in ratios) <= tolerance and min(final) > floor * max(peak)
+                  else -1 if max(final) <= floor * min(peak) else 0)
+        out[smoothing] = Setting(signs, spread, verdict(mean(final), mean(before), mean(peak)))
     return out
 
 
