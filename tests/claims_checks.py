@@ -53,7 +53,7 @@ def mechanical_verdict(settings, existential=False, cap=None):
         verdict = "reproduced"
     elif all(s < 0 for s in signs) or all((g.mean or 0) < 0 and (g.apart or 0) < 0 for g in groups):
         verdict = "contradicted"
-    elif (any(holds(g) for g in groups) and not all(holds(g) for g in groups)) or (
+    elif any(holds(g) for g in groups) or (
             all((g.mean or 0) > 0 for g in groups) and 2 * sum(s > 0 for s in signs) > len(signs)):
         verdict = "partially reproduced"
     else:

@@ -154,6 +154,8 @@ def test_the_standard_separates_the_verdicts():
     assert mechanical_verdict({"a": Setting([-1, -1, 0], -1, -1), "b": Setting([-1, 0, 1], -1, -1)}) == "contradicted"
     assert mechanical_verdict({"a": Setting([-1, -1, 0], -1, -1), "b": Setting([-1, 0, 1], 0, -1)}) == "not reproduced"
     # partially: holds in one setting (all units, or the means beyond the spread), fails in another
+    # or not: every setting's means beyond the spread, in half of the units or fewer
+    assert mechanical_verdict({"a": Setting([1, 0, 0], 1, 1), "b": Setting([1, 0, -1], 1, 1)}) == "partially reproduced"
     assert mechanical_verdict({"a": Setting([1, 1, 1]), "b": Setting([-1, -1, -1])}) == "partially reproduced"
     assert mechanical_verdict({"a": Setting([1, 0, 1], 1, 1), "b": Setting([-1, 0, 0])}) == "partially reproduced"
     assert mechanical_verdict({"a": Setting([1, 0, 1], 0, 1), "b": Setting([-1, 0, 0])}) == "not reproduced"
