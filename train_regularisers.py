@@ -433,15 +433,22 @@ def symlog_axis(ax, values):
         ax.set_xticks(values, [f"{v:g}" for v in values])
 
 
+def with_penalty(runs):
+    """The runs, each config recording its Jacobian penalty: the key is absent from the configs
+    of cells where it is off (so their names and hashes stay those of runs saved before it), and
+    is set to 0 here, for the figures and the runs summary."""
+    for r in runs:
+        r["config"].setdefault("jacobian_penalty", 0.0)
+    return runs
+
+
 def plot(args, out):
     """Per (data set, model, BN): a row per sweep, a column per metric, a line style per initial
     learning rate; and the Kendall correlations of every sweep."""
     paths, correlations = [], {}
     groups = {}
     for (dataset, model, bn, sweep), cells in sweeps(args).items():
-        runs = common.load_saved(out, cells, RUN_KEYS)
-        for r in runs:  # the penalty's key is absent where it is off
-            r["config"].setdefault("jacobian_penalty", 0.0)
+        runs = with_penalty(common.load_saved(out, cells, RUN_KEYS))
         if runs:
             groups.setdefault((dataset, model, bn), []).append((sweep, runs))
     for (dataset, model, bn), rows in groups.items():
@@ -501,7 +508,7 @@ def main(args):
         train_pending(args, cells)
         if args.grid_index is not None:
             return  # an array task: plotting is for --plot-only once the array is done
-    runs = common.saved_runs_or_fail(args.out, cells, RUN_KEYS)
+    runs = with_penalty(common.saved_runs_or_fail(args.out, cells, RUN_KEYS))
     common.save_runs_summary(runs, f"{args.out}/plots/runs.json")
     print(f"{len(runs)} of {len(cells)} cells finished")
     paths, correlations = plot(args, args.out)

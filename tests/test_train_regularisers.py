@@ -95,6 +95,8 @@ def test_jacobian_penalty_sweep_records_the_metrics_and_is_the_baseline_at_zero(
             assert math.isfinite(r[key]) and r[key] > 0, key
         assert 0 <= r["train_accuracy"] <= 1
     assert penalised["train_loss"] != baseline["train_loss"]  # the penalty was applied
+    summary = json.loads((tmp_path / "plots" / "runs.json").read_text())
+    assert sorted(r["config"]["jacobian_penalty"] for r in summary) == [0.0, 1.0]  # 0 recorded too
     tau = json.loads((tmp_path / "plots" / "correlations.json").read_text())
     assert set(tau) == {"synthetic-cifar10_vgg11_bn_jacobian"} and tau["synthetic-cifar10_vgg11_bn_jacobian"]["n"] == 2
     assert (tmp_path / "plots" / "fig21_synthetic-cifar10_vgg11_bn.png").exists()
