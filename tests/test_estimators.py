@@ -31,8 +31,7 @@ CASES = {
 # -------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("name", [  # the BN CNN's dense Hessian takes 3-4 s: slow tier
-    pytest.param(n, marks=pytest.mark.slow) if n.startswith("cnn") else n for n in CASES])
+@pytest.mark.parametrize("name", CASES)
 def test_sharpness_matches_dense_hessian(name):
     make_model, make_batches, loss_fn = CASES[name]
     model, batches = make_model(), make_batches()
