@@ -3,7 +3,8 @@ generalisation" (MacDonald, Valmadre, Lucey). `import common` gives every name b
 
 Where each name lives:
   estimators    sharpness, gauss_newton_norm, jacobian_norm, hessian_operator,
-                gauss_newton_operator, top_eigenvalues, EigenResult, MeasureMode, no_tf32.
+                gauss_newton_operator, top_eigenvalues, EigenResult, MappingInput, MeasureMode,
+                no_tf32.
                 Self-contained (torch and the standard library): copy the file.
   data          DATASETS, Data, load_data, load_arrays, subset_indices, standardisation stats.
   models        MLP (ReLU / tanh / Gaussian), VGG11, ResNet18, MODELS, build_model.
@@ -30,8 +31,8 @@ from .data import (DATASETS, STANDARDISATIONS, Data, DataError, check_data_file,
                    standardisation_stats, subset_indices, synthetic_arrays, to_images)
 from .distributed import (all_reduce_gradients, barrier, init_from_env, is_main, rank, share,
                           shared_bn_statistics, world_size)
-from .estimators import (BN_TYPES, DROPOUT_TYPES, ConvergenceWarning, EigenResult, MeasureMode,
-                         gauss_newton_norm, gauss_newton_operator, hessian_operator,
+from .estimators import (BN_TYPES, DROPOUT_TYPES, ConvergenceWarning, EigenResult, MappingInput,
+                         MeasureMode, gauss_newton_norm, gauss_newton_operator, hessian_operator,
                          jacobian_norm, math_attention, no_tf32, sharpness, top_eigenvalues)
 from .measurements import (bn_mode_jacobian_norms, eigenvalue_with_convergence,
                            end_of_training_metrics, excess_loss, input_jacobians,

@@ -190,7 +190,7 @@ def to_images(x_uint8):
 
     Contiguous, not a channels-last view of the numpy array: everything computed from it keeps
     its layout, and CPU (oneDNN) convolutions on channels-last float32 inputs with few input
-    channels have given wrong weight gradients and corrupted the heap (README, Reliability).
+    channels have given wrong weight gradients and corrupted the heap (docs/data.md).
     """
     x_uint8 = x_uint8 if x_uint8.flags.writeable else x_uint8.copy()  # torch wants writable
     return torch.from_numpy(x_uint8).permute(0, 3, 1, 2).contiguous().float().div_(255)

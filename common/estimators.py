@@ -8,22 +8,29 @@ Copy this file into your own project: it needs only torch and the standard libra
     j = jacobian_norm(model, x)                            # max_i ||d softmax(f(x_i)) / d x_i||_2
 
 Contents: the measuring mode (`MeasureMode`, `no_tf32`), the Hessian and Gauss-Newton operators,
-the Lanczos and power eigen-solvers (`top_eigenvalues`, `EigenResult`), and the three estimators.
+the Lanczos and power eigen-solvers (`top_eigenvalues`, `EigenResult`), the three estimators and
+`MappingInput`.
 
 Inputs: `batches` is a sequence of (x, y) pairs, x a tensor (model(x); integer tokens allowed
-except in `jacobian_norm`) or a dict of tensors (model(**x)); batch sizes and sequence lengths
-may differ. `output_fn` selects a tensor from dict or tuple outputs (lambda out: out["logits"]).
-`loss_fn` must average over examples (sums are refused where detectable). BatchNorm:
-`bn_mode="train"` (batch statistics, default) or "eval" (running statistics) for the curvature;
-eval for the Jacobian. Floating-point inputs are fed contiguous in the model's dtype.
+except in `jacobian_norm`, passed as they are) or a dict of tensors (model(**x), keyword inputs as
+in HuggingFace; for a model called with one mapping, model(x_dict), pass MappingInput(model));
+batch sizes and sequence lengths may differ. `output_fn` selects a tensor from dict or tuple
+outputs (lambda out: out["logits"]). `loss_fn` must average over examples (sums are refused where
+detectable). BatchNorm: `bn_mode="train"` (batch statistics, default) or "eval" (running
+statistics) for the curvature; eval for the Jacobian. Floating-point inputs are fed contiguous in
+the model's dtype.
 
-Across processes (torch.distributed, e.g. launched by torchrun): pass `process_group=` (say
-`torch.distributed.group.WORLD`, or "world", which unlike WORLD is refused before
-init_process_group) and each rank its own batches (its own inputs for `jacobian_norm`); every
-rank then returns the value of one process holding all of them. Without it (the default) the
-computation is local whatever the distributed state.
+Across processes (torch.distributed, e.g. launched by torchrun): after init_process_group, pass
+`process_group="world"` (the default group) or a group from torch.distributed.new_group, and
+each rank its own batches (its own inputs for `jacobian_norm`); every rank then returns the
+value of one process holding all of them. "world" or a group given before init_process_group
+is refused (ValueError). Without process_group (None, the default) the computation is local
+whatever the distributed state, even inside a DDP job; torch.distributed.group.WORLD is None
+before init_process_group, so passing it there silently gives that local value: pass "world".
 
-Why these choices (measured; see the README's "Estimators" section):
+Why these choices (measured with torch 2.14 in the reproduction this file comes from, "On
+progressive sharpening, flat minima and generalisation"; the benchmarks/ and tests/ paths in
+these docstrings are that repository's):
 - Hessian-vector products are reverse-over-reverse (double backward autograd) with the
   first-order graph built once per batch and reused across products. torch.func's transforms
   (grad of jvp, jacrev of jacrev) gave second derivatives up to 300% off through train-mode
@@ -42,6 +49,7 @@ Why these choices (measured; see the README's "Estimators" section):
   not on the change between iterates.
 """
 import contextlib
+import inspect
 import math
 import warnings
 from collections.abc import Mapping
@@ -220,10 +228,56 @@ def _check_output_fn(output_fn):
                         f"got {type(output_fn).__name__}")
 
 
+class MappingInput(torch.nn.Module):
+    """Adapter for a model whose forward takes one mapping, `model(x_dict)` (curvlinops'
+    convention): the estimators call `model(**x)` for a dict x (keyword inputs, HuggingFace
+    style), and MappingInput(model)(**x) calls model(x). It holds `model` (the same
+    parameters); pass MappingInput(model) wherever the model goes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **x):
+        return self.model(x)
+
+
+def _check_keyword_inputs(model, x, i):
+    """TypeError unless model.forward takes the keys of the dict x as keyword arguments (the
+    estimators call model(**x)); a forward whose signature cannot be read is not checked."""
+    try:
+        inspect.signature(model.forward).bind(**x)
+    except (TypeError, ValueError) as e:
+        try:
+            inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            return
+        raise TypeError(f"batch {i}: the model's forward does not take x's keys "
+                        f"{sorted(map(str, x))} as keyword arguments ({e}): a dict x is passed "
+                        f"as model(**x); for a model called as model(x_dict), pass "
+                        f"MappingInput(model)") from None
+
+
+def _integer_inputs(x):
+    """The dtype of the first integer tensor of x (a tensor or a dict), or None."""
+    return next((t.dtype for t in _tensors(x) if torch.is_tensor(t)
+                 and not t.is_floating_point() and not t.is_complex()), None)
+
+
 def _forward(model, x, output_fn=None):
     """model(**x) for a dict of inputs (HuggingFace style), model(x) otherwise; then
-    output_fn(outputs) if given."""
-    out = model(**x) if isinstance(x, Mapping) else model(x)
+    output_fn(outputs) if given. A dtype error raised by the model on integer inputs becomes a
+    one-line TypeError saying that integer x is passed as it is."""
+    try:
+        out = model(**x) if isinstance(x, Mapping) else model(x)
+    except RuntimeError as e:
+        dtype = _integer_inputs(x)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if dtype is None or "type" not in first.lower():
+            raise
+        raise TypeError(f"the model refused the integer inputs x ({dtype}; {first}): integer x "
+                        f"is passed as it is (tokens for an embedding); for a model of "
+                        f"floating-point inputs pass x.float()") from None
     return out if output_fn is None else output_fn(out)
 
 
@@ -350,6 +404,8 @@ def _check_batches(batches, model, allow_empty=False):
             raise ValueError(f"batch {i} is not an (x, y) pair{hint}")
         x, y = pair
         n = _batch_size(x, i)
+        if isinstance(x, Mapping):
+            _check_keyword_inputs(model, x, i)
         if n == 0:
             raise ValueError(f"batch {i} is empty")
         # y: n targets, or n * T when a sequence model flattens its per-position targets
@@ -979,8 +1035,9 @@ def sharpness(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5, max_i
             `reduction` other than "mean"/"batchmean", and any loss whose value on the first
             two examples is the sum of their values.
         batches: sequence of (x, y) pairs: x a tensor (model(x)), integer tokens allowed, or a
-            dict of tensors (model(**x)); the batch size n_b is dim 0 of x (of the dict's
-            first tensor); shapes may differ between batches (sequence lengths).
+            dict of tensors (model(**x); a model called as model(x_dict) goes in as
+            MappingInput(model)); the batch size n_b is dim 0 of x (of the dict's first
+            tensor); shapes may differ between batches (sequence lengths).
         k: number of top eigenvalues (k > 1 returns a descending list).
         method: "lanczos" (default) or "power".
         tol: relative error target of the eigenvalue estimate (see `top_eigenvalues`).
@@ -990,7 +1047,7 @@ def sharpness(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5, max_i
         gradient_start: mix the loss gradient (free from the reused graph) into the random
             start vector. The gradient lies largely in the top Hessian eigenspace (Gur-Ari et
             al., 2018): about 10-15% fewer products with guarantee=None, none saved under the
-            default guarantee's product floor (benchmarks/README.md). Off by default:
+            default guarantee's product floor (the benchmarks). Off by default:
             where the gradient leans on the 2nd eigenvector (the edge of stability), the
             verification can miss a top eigenvalue close above it (`top_eigenvalues`; without
             the floor, false stops 12/180 against 0/180 from a random start; the floor's bound
@@ -999,9 +1056,10 @@ def sharpness(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-5, max_i
         return_info: return the full `EigenResult` (eigenvalues, products, convergence).
         process_group: torch.distributed group; each rank passes its own batches (possibly
             none) and all return the value for the union of them. The Lanczos vectors are
-            replicated (same start on every rank: pass `generator`s seeded alike). "world" is
-            the default group, refused before init_process_group (torch.distributed.group.WORLD
-            is None then, the same as the default local None).
+            replicated (same start on every rank: pass `generator`s seeded alike). Pass
+            "world" (the default group) or a group from torch.distributed.new_group, after
+            init_process_group; before it both are refused. None (the default) is local;
+            torch.distributed.group.WORLD is None before init_process_group, so prefer "world".
         bn_mode: "train" or "eval", the mode of the BatchNorm layers.
         output_fn: optional function of the model's outputs giving what loss_fn receives
             (e.g. lambda out: out["logits"]).
@@ -1045,6 +1103,14 @@ def gauss_newton_norm(model, loss_fn, batches, *, k=1, method="lanczos", tol=1e-
                                  return_info, None, guarantee)
 
 
+def _not_differentiable_in_x():
+    """The ValueError for outputs that depend on x through no differentiable operation."""
+    return ValueError("the model's outputs do not depend on x through differentiable "
+                      "operations (does the model turn x into integers, as token ids for an "
+                      "embedding?): tokens have no input Jacobian; measure one w.r.t. "
+                      "floating-point inputs, such as the embeddings")
+
+
 def _sample_jacobian_norms_exact(out, x):
     """Per-sample spectral norms from C vector-Jacobian products.
 
@@ -1053,9 +1119,12 @@ def _sample_jacobian_norms_exact(out, x):
     ||J_i||_2 = sqrt(lambda_max(J_i J_i^T)), a C x C eigenproblem per sample.
     """
     n, c = out.shape
-    rows = [torch.autograd.grad(out[:, j].sum(), x, retain_graph=j + 1 < c)[0].reshape(n, -1)
+    rows = [torch.autograd.grad(out[:, j].sum(), x, retain_graph=j + 1 < c, allow_unused=True)[0]
             for j in range(c)]
-    jac = torch.stack(rows, dim=1)  # (n, C, D)
+    if all(r is None for r in rows):
+        raise _not_differentiable_in_x()
+    jac = torch.stack([torch.zeros_like(x) if r is None else r for r in rows],
+                      dim=1).reshape(n, c, -1)  # (n, C, D)
     gram = (jac @ jac.transpose(1, 2)).double()  # (n, C, C)
     return torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).sqrt()
 
@@ -1069,7 +1138,9 @@ def _sample_jacobian_norms_power(out, x, tol, max_iter, generator):
     """
     n = out.shape[0]
     dummy = torch.zeros_like(out, requires_grad=True)
-    (jt_dummy,) = torch.autograd.grad(out, x, dummy, create_graph=True)  # (n, *x)
+    (jt_dummy,) = torch.autograd.grad(out, x, dummy, create_graph=True, allow_unused=True)
+    if jt_dummy is None:  # else (n, *x)
+        raise _not_differentiable_in_x()
     v = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x)
     v = v / torch.linalg.vector_norm(v.reshape(n, -1), dim=1).view(-1, *[1] * (x.dim() - 1))
     sq = torch.zeros(n, dtype=x.dtype, device=x.device)

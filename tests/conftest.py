@@ -3,7 +3,8 @@ the real-data folder.
 
 Tiers: `python3 -m pytest -q` runs everything (CI, the README's command);
 `python3 -m pytest -m "not slow"` skips the end-to-end tests (anything that runs a script's
-main or trains) and takes well under 30 s on 2 cores.
+main or trains, starts a fresh Python with torch, or takes over ~3 s): 64 s on 2 cores shared
+with training runs (README, Quick start).
 """
 import os
 import shlex

@@ -147,6 +147,7 @@ def test_equal_accuracy_reports_a_baseline_that_never_gets_there_as_a_lower_boun
     assert "lower bound" in next(iter(rows.values()))["note"]
 
 
+@pytest.mark.slow
 def test_krylov_floor_errors_never_rise_along_the_chain(tmp_path):
     """The chain's top Ritz value is the largest Rayleigh quotient over a growing space: from
     below, its error cannot rise with m (what makes the fewest-products floor meaningful)."""

@@ -6,6 +6,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ESTIMATORS = Path(__file__).resolve().parent.parent / "common" / "estimators.py"
 
 CHECK = textwrap.dedent('''
@@ -68,6 +70,7 @@ CHECK = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # a fresh Python importing torch: about 4 s
 def test_estimators_file_alone_matches_dense_float64_truth(tmp_path):
     shutil.copy(ESTIMATORS, tmp_path / "estimators.py")
     (tmp_path / "check.py").write_text(CHECK)
@@ -80,6 +83,17 @@ def test_estimators_file_alone_matches_dense_float64_truth(tmp_path):
 def test_estimators_file_imports_only_torch_and_the_standard_library():
     imports = [line.split()[1].split(".")[0] for line in ESTIMATORS.read_text().splitlines()
                if line.startswith(("import ", "from "))]
-    assert set(imports) <= {"collections", "contextlib", "dataclasses", "math", "warnings",
-                            "torch"}, imports
+    assert set(imports) <= {"collections", "contextlib", "dataclasses", "inspect", "math",
+                            "warnings", "torch"}, imports
     assert "copy this file" in ESTIMATORS.read_text().lower()
+
+
+def test_estimators_file_cites_no_readme_and_never_recommends_group_world():
+    """A copied file has no README beside it; and torch.distributed.group.WORLD is None before
+    init_process_group (a silently local value), so the docstrings name it only as that
+    warning and recommend "world"."""
+    text = ESTIMATORS.read_text()
+    assert "README" not in text
+    docs = [line for line in text.splitlines() if "group.WORLD" in line and "=" not in line]
+    assert docs and all("is None" in line for line in docs), docs
+    assert 'pass "world"' in text and 'prefer "world"' in text

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
-from common.estimators import (gauss_newton_norm, gauss_newton_operator, hessian_operator,
-                               jacobian_norm, math_attention, sharpness)
+from common.estimators import (MappingInput, gauss_newton_norm, gauss_newton_operator,
+                               hessian_operator, jacobian_norm, math_attention, sharpness)
 from references import assert_same_state, batch_stats_mode, cnn, flat_function
 from references import state_of
 
@@ -455,6 +455,91 @@ def test_integer_tokens_refused_by_jacobian_norm_only():
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):
         jacobian_norm(model, batches[0][0])
 
+
+
+class OneMapping(nn.Module):
+    """curvlinops' input convention: forward takes one mapping, model(x_dict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+    def forward(self, batch):
+        return self.body(batch["features"] * batch["scale"])
+
+
+def one_mapping_batches():
+    return [({"features": x, "scale": torch.full((len(x), 1), 2.0, dtype=torch.float64)}, y)
+            for x, y in floats((4, 3), (4,))]
+
+
+@pytest.mark.parametrize("estimator", [sharpness, gauss_newton_norm, hessian_operator,
+                                       gauss_newton_operator])
+def test_dict_inputs_to_a_model_of_one_mapping_name_the_convention_and_the_adapter(estimator):
+    model, batches = built(OneMapping), one_mapping_batches()
+    with pytest.raises(TypeError, match=r"batch 0: .*keyword arguments.*passed as model\(\*\*x\)"
+                                        r".*MappingInput\(model\)") as e:
+        estimator(model, F.cross_entropy, batches)
+    assert "\n" not in str(e.value)
+
+
+def test_mapping_input_measures_a_model_of_one_mapping_against_dense_truth():
+    model, batches = built(OneMapping), one_mapping_batches()
+    adapted = MappingInput(model)
+    want = top(dense_hessian(adapted, F.cross_entropy, batches))
+    assert rel(sharpness(adapted, F.cross_entropy, batches, **TOL), want) < 1e-7
+    want = top(dense_gauss_newton(adapted, F.cross_entropy, batches))
+    assert rel(gauss_newton_norm(adapted, F.cross_entropy, batches, **TOL), want) < 1e-7
+
+
+@pytest.mark.parametrize("estimator", [sharpness, gauss_newton_norm])
+@pytest.mark.parametrize("make, shape", [(small, (4,)),
+                                         (lambda: built(lambda: nn.Sequential(
+                                             nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(4, 3))),
+                                          (1, 4))])
+def test_integer_inputs_to_a_float_model_give_one_line(estimator, make, shape):
+    batches = [(torch.randint(5, (6, *shape)), torch.randint(3, (6,)))]
+    with pytest.raises(TypeError, match=r"the model refused the integer inputs x \(torch.int64; "
+                                        r".*pass x.float\(\)") as e:
+        estimator(make(), F.cross_entropy, batches)
+    assert "\n" not in str(e.value)
+    assert estimator(make(), F.cross_entropy, [(x.double(), y) for x, y in batches]) > 0
+
+
+class FloatTokens(nn.Module):
+    """A wrapper that takes float token ids and casts them for its embedding: its outputs
+    depend on x through no differentiable operation."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Recurrent(nn.GRU)
+
+    def forward(self, x):
+        return self.inner(x.long())
+
+
+@pytest.mark.parametrize("method", ["exact", "power"])
+def test_float_tokens_cast_inside_the_model_give_one_line_in_jacobian_norm(method):
+    model, batches = built(FloatTokens), tokens((3,), (4,), 3)
+    assert sharpness(model, F.cross_entropy, batches, tol=1e-4) > 0
+    with pytest.raises(ValueError, match="do not depend on x through differentiable operations"
+                                         ".*token ids.*no input Jacobian") as e:
+        jacobian_norm(model, batches[0][0].double(), method=method)
+    assert "\n" not in str(e.value)
+
+
+def test_jacobian_norm_keeps_logits_that_do_not_depend_on_x():
+    """Without softmax, a logit constant in x has a zero Jacobian row, not an error."""
+    class HalfConstant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.bias = nn.Linear(4, 2), nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return torch.cat([self.lin(x), self.bias.expand(len(x), 1)], 1)
+    model, x = built(HalfConstant), floats((5,), (4,))[0][0]
+    assert rel(jacobian_norm(model, x, softmax=False, method="exact"),
+               torch.linalg.matrix_norm(model.lin.weight.detach(), ord=2).item()) < 1e-12
 
 WORLD = '''
 import socket, sys, torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F

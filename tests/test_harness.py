@@ -29,6 +29,7 @@ def test_standardisation_statistics(synthetic, mode, dims):
     assert (z.std(dims, unbiased=False) - 1).abs().max() < 1e-5
 
 
+@pytest.mark.slow  # the standardisation statistics of 50 000 synthetic images: about 3 s
 def test_load_data_standardises_with_the_whole_training_split():
     arrays = common.synthetic_arrays(100)  # what load_data("synthetic-cifar100") reads
     mean, std = common.standardisation_stats(arrays["x_train"], "channel")
