@@ -5,8 +5,8 @@ trained by plain SGD at constant learning rates 0.1, 0.01, 0.001 with batch size
 512, 1024 and weight decay 1e-4, 5 trials each. The loss on the full training set is measured
 every 100 iterations; training stops once the mean of the last 10 such losses is below 0.01
 (CIFAR-10) or 0.02 (CIFAR-100). At the end: training and test loss, generalisation gap
-|test - train|, sharpness and softmax Jacobian norm on 2000 training examples drawn with the
-model's seed. The paper's finding: larger learning rates and smaller batches give smaller
+|test - train|, sharpness, Gauss-Newton norm and softmax Jacobian norm on 2000 training
+examples drawn with the model's seed. The paper's finding: larger learning rates and smaller batches give smaller
 sharpness, Jacobian norm and gap, except ResNet18 at lr 0.1 (Jacobian falls while the gap rises).
 
 Paper's run, all cells in one process:
@@ -31,7 +31,8 @@ Writes, under --out (default results/batch_lr; results/batch_lr_smoke with --smo
     plots/fig12..15_<model>_<dataset>_vs_lr.{png,pdf}      metric vs lr, line style per batch
     plots/fig16..19_<model>_<dataset>_vs_batch.{png,pdf}   metric vs batch, line style per lr
     plots/correlations.json    Kendall tau(gap, Jacobian norm), tau(gap, sharpness),
-                               tau(gap, Lip of the Jacobian) per sweep
+                               tau(gap, Gauss-Newton norm), tau(gap, Lip of the Jacobian)
+                               per sweep
 Figure 3 is the ResNet18/CIFAR-10 vs-lr figure (fig12), Figure 4 its vs-batch one (fig16).
 
 Choices where the paper is silent (a careful reading, not the authors' code):
@@ -67,7 +68,7 @@ METRIC_LABELS = {"gap": "generalisation gap", "jacobian": "Jacobian norm (softma
                  "sharpness": "sharpness", "train_loss": "training loss",
                  "test_accuracy": "test accuracy", "iterations": "iterations",
                  "jacobian_lipschitz": "Lip(Jacobian) lower estimate"}
-CORRELATED = ("jacobian", "sharpness", "jacobian_lipschitz")  # Kendall tau(gap, each)
+CORRELATED = ("jacobian", "sharpness", "gauss_newton", "jacobian_lipschitz")  # Kendall tau(gap, each)
 RUN_KEYS = ("model", "dataset", "lr", "batch_size", "trial")
 
 
@@ -245,7 +246,7 @@ def train(config, args, data, device):
                                             ghost_batch_size=config["batch_size"],
                                             eig_tol=config["eig_tol"],
                                             eig_max_iter=config["eig_max_iter"],
-                                            lipschitz_pairs=LIPSCHITZ_PAIRS)
+                                            gauss_newton=True, lipschitz_pairs=LIPSCHITZ_PAIRS)
     run.finish("finished", iterations=step, reached_target=reached, train_seconds=seconds,
                jacobian_lipschitz_pairs=LIPSCHITZ_PAIRS,
                measure_seconds=time.monotonic() - started - seconds, **summary)
@@ -339,7 +340,8 @@ def main(args):
     paths, correlations = plot(args, runs)
     for name, c in correlations.items():
         print(f"{name}: Kendall tau(gap, Jacobian) = {c['tau_gap_jacobian']:.3f}, "
-              f"tau(gap, sharpness) = {c['tau_gap_sharpness']:.3f}, tau(gap, Lip(Jacobian)) = "
+              f"tau(gap, sharpness) = {c['tau_gap_sharpness']:.3f}, "
+              f"tau(gap, Gauss-Newton) = {c['tau_gap_gauss_newton']:.3f}, tau(gap, Lip(Jacobian)) = "
               f"{c['tau_gap_jacobian_lipschitz']:.3f} over {c['n']} cells")
         for lr, w in c["per_lr"].items():
             print(f"  lr {lr}: tau(gap, Jacobian) = {w['tau_gap_jacobian']:.3f}, "

@@ -18,7 +18,11 @@ CE + lambda * P, P the random-projection estimate of the mean squared Frobenius 
 softmax's input Jacobian [Hoffman et al. 2019] (`common.jacobian_penalty`), swept over lambda
 (--jacobian-penalties; lambda = 0 is the baseline cell). Does lowering the Jacobian norm
 directly lower the gap, and what does it do to sharpness? A penalised step costs about 4 plain
-ones (double backward; measured on one CPU core, VGG11 at width 1/8).
+ones (double backward; measured on one CPU core, VGG11 at width 1/8). A penalty that raises the
+training loss lowers the gap by underfitting too; with --match-train-loss each penalised cell
+trains on at its last learning rate until its clean training loss is down to its unpenalised
+cell's, so the gaps are compared at matched training loss (the end-of-schedule values are kept
+as scheduled_<metric>).
 
 Paper's run, all cells in one process:
     python train_regularisers.py --data-root DATA
@@ -122,6 +126,14 @@ def parse_args(argv=None):
     parser.add_argument("--jacobian-penalties", nargs="+", type=common.finite_float,
                         default=[0.0, 0.1, 0.3, 1.0],
                         help="strengths lambda of the softmax-Jacobian penalty (0: none)")
+    parser.add_argument("--match-train-loss", action="store_true",
+                        help="penalised cells of the 'jacobian' sweep train on at the last learning "
+                             "rate until their clean training loss is at most their unpenalised "
+                             "cell's (which must finish first), so the gap is compared at matched "
+                             "training loss; the result keeps the end-of-schedule values as "
+                             "scheduled_<metric>")
+    parser.add_argument("--match-max-epochs", type=int, default=None,
+                        help="most epochs a matched cell trains beyond --epochs (default: --epochs)")
     parser.add_argument("--epochs", type=int, default=90)
     parser.add_argument("--milestones", nargs="*", type=int, default=[50, 80],
                         help="epochs after which the learning rate is divided by 10")
@@ -153,6 +165,8 @@ def validate(args):
     common.check_width(args)
     common.check_positive(args, "lrs", "epochs", "batch_size", "width", "measure_size", "eig_tol",
                           "eig_max_iter")
+    common.check(args.match_max_epochs is None or args.match_max_epochs > 0,
+                 f"--match-max-epochs must be positive, got {args.match_max_epochs}")
     common.check(args.checkpoint_seconds >= 0,
                  f"--checkpoint-seconds must be non-negative, got {args.checkpoint_seconds}")
     for name in ("weight_decay", "weight_decays", "mixup_betas", "sam_rhos", "jacobian_penalties"):
@@ -201,9 +215,18 @@ def sweep_cells(args, sweep, dataset, model, batch_norm):
                  test_size=args.test_size, measure_size=args.measure_size, eig_tol=args.eig_tol,
                  eig_max_iter=args.eig_max_iter,
                  standardise="channel",
-                 **({"mixup_control": args.mixup_control} if args.mixup_control != "none" else {}))
+                 **({"mixup_control": args.mixup_control} if args.mixup_control != "none" else {}),
+                 **matching(args, key, cell["value"]))
             for cell in common.grid(value=getattr(args, SWEPT_VALUES[sweep]), lr=args.lrs,
                                     trial=list(range(args.trials)))]
+
+
+def matching(args, key, value):
+    """The config keys of --match-train-loss: on the penalised cells alone (the unpenalised cell
+    is the one they are matched to)."""
+    if not (args.match_train_loss and key == "jacobian_penalty" and value > 0):
+        return {}
+    return {"match_train_loss": True, "match_max_epochs": args.match_max_epochs or args.epochs}
 
 
 def sweeps(args):
@@ -285,11 +308,62 @@ MIXUP_CONTROLS = {"none": common.mixup, "resample_hard": mixup_resample_hard,
                   "theta0_soft": mixup_theta0_soft}
 
 
+def matched_loss_target(config, args):
+    """The clean training loss a penalised cell trains down to with --match-train-loss: the
+    final one of its unpenalised cell (the same config with the penalty off); None where the
+    cell is not matched. Exits 2 with one line if that cell has not finished yet."""
+    if not config.get("match_train_loss"):
+        return None
+    baseline = {k: v for k, v in config.items()
+                if k not in ("jacobian_penalty", "match_train_loss", "match_max_epochs")}
+    run = common.Run(args.out, baseline, RUN_KEYS)
+    common.check(run.done, f"--match-train-loss: the unpenalised cell {run.dir.name} must finish "
+                           f"before {common.run_name(config, RUN_KEYS)} (train it first)")
+    return run.load()["result"]["train_loss"]
+
+
+def train_epoch(config, model, optimizer, loss_fn, data, generator, penalty, device):
+    """One epoch of minibatch steps at the epoch's learning rate; the mean batch loss (NaN
+    once a step diverges)."""
+    total, count = 0.0, 0
+    for idx in common.shuffled_batches(len(data.x_train), config["batch_size"], generator):
+        idx = idx.to(device)
+        x, y = regularised_batch(config, data.x_train[idx], data.y_train[idx], data.num_classes,
+                                 generator)
+        loss, _ = common.train_step(model, optimizer, loss_fn, x, y, rho=config["sam_rho"],
+                                    penalty=penalty)
+        if not math.isfinite(loss):
+            return loss
+        total, count = total + loss * len(idx), count + len(idx)
+    return total / count
+
+
+def measure(config, model, loss_fn, data):
+    """The end-of-training metrics of a cell (see common.end_of_training_metrics)."""
+    return common.end_of_training_metrics(model, loss_fn, data, config["seed"],
+                                          measure_size=config["measure_size"],
+                                          ghost_batch_size=config["batch_size"],
+                                          eig_tol=config["eig_tol"],
+                                          eig_max_iter=config["eig_max_iter"], gauss_newton=True)
+
+
+def still_above(run, target, epoch):
+    """Whether the clean training loss logged at `epoch` is above the matching target."""
+    logged = [m["clean_train_loss"] for m in run.metrics if m["step"] == epoch and "clean_train_loss" in m]
+    return not logged or logged[-1] > target
+
+
 def train(config, args, data, device):
-    """Trains one cell for its epochs (or resumes it, or skips it if saved); returns it."""
+    """Trains one cell for its epochs (or resumes it, or skips it if saved); returns it.
+
+    A cell with match_train_loss (a penalised cell of --match-train-loss) is measured at the end
+    of its schedule (saved as `scheduled_<metric>`) and then trains on at the last learning rate,
+    an epoch at a time, until its clean training loss is at most its unpenalised cell's final
+    one, or for match_max_epochs more epochs; the result says whether it got there (`matched`)."""
     run = common.Run(args.out, config, RUN_KEYS, checkpoint_seconds=args.checkpoint_seconds)
     if run.done:
         return run.load()
+    target = matched_loss_target(config, args)
     model = make_model(config, data.num_classes, device)
     optimizer = common.sgd(model, config["lr"], config["momentum"], config["weight_decay"])
     loss_fn = common.cross_entropy(config["smoothing"])
@@ -304,37 +378,42 @@ def train(config, args, data, device):
         generator.set_state(state["generator"])
         elapsed = state["seconds"]
     started = time.monotonic() - elapsed
-    label = f"cell {run.dir.name}"
-    for epoch in common.progress(range(epoch, config["epochs"]), desc=label, initial=epoch,
-                                 total=config["epochs"], disable=args.no_progress):
+    last = config["epochs"] + (config.get("match_max_epochs", 0) if target is not None else 0)
+    bar = common.progress(desc=f"cell {run.dir.name}", initial=epoch, total=config["epochs"],
+                          disable=args.no_progress)
+    while epoch < config["epochs"] or (epoch < last and still_above(run, target, epoch)):
+        if epoch == config["epochs"] and not any("scheduled_train_loss" in m for m in run.metrics):
+            scheduled = measure(config, model, loss_fn, data)  # the cell as its schedule left it
+            run.log(epoch, clean_train_loss=scheduled["train_loss"],
+                    **{f"scheduled_{k}": v for k, v in scheduled.items()})
+            continue
+        lr = learning_rate(config, epoch)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, epoch)
-        total, count = 0.0, 0
-        for idx in common.shuffled_batches(len(data.x_train), config["batch_size"], generator):
-            idx = idx.to(device)
-            x, y = regularised_batch(config, data.x_train[idx], data.y_train[idx], data.num_classes,
-                                     generator)
-            loss, _ = common.train_step(model, optimizer, loss_fn, x, y, rho=config["sam_rho"],
-                                        penalty=penalty)
-            if not math.isfinite(loss):
-                run.log(epoch, batch_loss=loss, lr=learning_rate(config, epoch))
-                run.finish("diverged", epoch=epoch)
-                return run.load()
-            total, count = total + loss * len(idx), count + len(idx)
+            group["lr"] = lr
+        loss = train_epoch(config, model, optimizer, loss_fn, data, generator, penalty, device)
+        if not math.isfinite(loss):
+            run.log(epoch, batch_loss=loss, lr=lr)
+            run.finish("diverged", epoch=epoch)
+            return run.load()
+        epoch += 1
         # The weight norm per epoch shows whether it grows without weight decay (Sec. 6.1).
-        run.log(epoch + 1, batch_loss=total / count, lr=learning_rate(config, epoch),
-                weight_norm=common.weight_norm(model))
-        run.checkpoint(lambda: common.training_state(epoch + 1, model, optimizer,
+        row = dict(batch_loss=loss, lr=lr, weight_norm=common.weight_norm(model))
+        if epoch > config["epochs"]:  # matching: the clean loss decides whether to go on
+            row["clean_train_loss"] = common.evaluate(model, loss_fn, data.x_train, data.y_train, 1000)[0]
+        run.log(epoch, **row)
+        bar.update()
+        run.checkpoint(lambda: common.training_state(epoch, model, optimizer,
                                                      generator=generator.get_state(),
                                                      seconds=time.monotonic() - started),
-                       force=epoch + 1 == config["epochs"])
+                       force=epoch >= config["epochs"])
+    bar.close()
     seconds = time.monotonic() - started
-    summary = common.end_of_training_metrics(model, loss_fn, data, config["seed"],
-                                            measure_size=config["measure_size"],
-                                            ghost_batch_size=config["batch_size"],
-                                            eig_tol=config["eig_tol"],
-                                            eig_max_iter=config["eig_max_iter"],
-                                            gauss_newton=True)
+    scheduled = {k: v for m in run.metrics for k, v in m.items() if k.startswith("scheduled_")}
+    summary = ({k.removeprefix("scheduled_"): v for k, v in scheduled.items()}
+               if scheduled and epoch == config["epochs"] else measure(config, model, loss_fn, data))
+    if target is not None:
+        summary.update(match_target=target, matched=summary["train_loss"] <= target,
+                       epochs_trained=epoch, **scheduled)
     status = "finished" if math.isfinite(summary["train_loss"]) else "diverged"
     run.finish(status, train_seconds=seconds, measure_seconds=time.monotonic() - started - seconds,
                **summary)
@@ -354,15 +433,22 @@ def symlog_axis(ax, values):
         ax.set_xticks(values, [f"{v:g}" for v in values])
 
 
+def with_penalty(runs):
+    """The runs, each config recording its Jacobian penalty: the key is absent from the configs
+    of cells where it is off (so their names and hashes stay those of runs saved before it), and
+    is set to 0 here, for the figures and the runs summary."""
+    for r in runs:
+        r["config"].setdefault("jacobian_penalty", 0.0)
+    return runs
+
+
 def plot(args, out):
     """Per (data set, model, BN): a row per sweep, a column per metric, a line style per initial
     learning rate; and the Kendall correlations of every sweep."""
     paths, correlations = [], {}
     groups = {}
     for (dataset, model, bn, sweep), cells in sweeps(args).items():
-        runs = common.load_saved(out, cells, RUN_KEYS)
-        for r in runs:  # the penalty's key is absent where it is off
-            r["config"].setdefault("jacobian_penalty", 0.0)
+        runs = with_penalty(common.load_saved(out, cells, RUN_KEYS))
         if runs:
             groups.setdefault((dataset, model, bn), []).append((sweep, runs))
     for (dataset, model, bn), rows in groups.items():
@@ -422,7 +508,7 @@ def main(args):
         train_pending(args, cells)
         if args.grid_index is not None:
             return  # an array task: plotting is for --plot-only once the array is done
-    runs = common.saved_runs_or_fail(args.out, cells, RUN_KEYS)
+    runs = with_penalty(common.saved_runs_or_fail(args.out, cells, RUN_KEYS))
     common.save_runs_summary(runs, f"{args.out}/plots/runs.json")
     print(f"{len(runs)} of {len(cells)} cells finished")
     paths, correlations = plot(args, args.out)

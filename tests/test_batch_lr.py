@@ -34,6 +34,7 @@ def test_smoke_run_writes_cells_figures_and_correlations(tmp_path, capsys):
         assert r["status"] == "finished"
         assert r["gap"] == pytest.approx(abs(r["test_loss"] - r["train_loss"]))
         assert r["sharpness"] > 0 and r["jacobian"] > 0
+        assert r["gauss_newton"] > 0 and r["gauss_newton_converged"] in (True, False)
         assert r["jacobian_lipschitz"] > 0 and r["jacobian_lipschitz_pairs"] == 64
     plots = tmp_path / "plots"
     assert (plots / "fig14_vgg11_synthetic-cifar10_vs_lr.png").exists()
@@ -41,7 +42,7 @@ def test_smoke_run_writes_cells_figures_and_correlations(tmp_path, capsys):
     tau = json.loads((plots / "correlations.json").read_text())["vgg11_synthetic-cifar10"]
     cells = results(tmp_path)
     assert tau["n"] == 4
-    for measure in ("jacobian", "sharpness", "jacobian_lipschitz"):
+    for measure in ("jacobian", "sharpness", "gauss_newton", "jacobian_lipschitz"):
         expected = tau_b([r["gap"] for r in cells], [r[measure] for r in cells])
         assert tau[f"tau_gap_{measure}"] == pytest.approx(expected, abs=1e-12), measure
     # and within each learning rate (the paper contrasts the networks at the largest one)

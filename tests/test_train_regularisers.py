@@ -95,6 +95,8 @@ def test_jacobian_penalty_sweep_records_the_metrics_and_is_the_baseline_at_zero(
             assert math.isfinite(r[key]) and r[key] > 0, key
         assert 0 <= r["train_accuracy"] <= 1
     assert penalised["train_loss"] != baseline["train_loss"]  # the penalty was applied
+    summary = json.loads((tmp_path / "plots" / "runs.json").read_text())
+    assert sorted(r["config"]["jacobian_penalty"] for r in summary) == [0.0, 1.0]  # 0 recorded too
     tau = json.loads((tmp_path / "plots" / "correlations.json").read_text())
     assert set(tau) == {"synthetic-cifar10_vgg11_bn_jacobian"} and tau["synthetic-cifar10_vgg11_bn_jacobian"]["n"] == 2
     assert (tmp_path / "plots" / "fig21_synthetic-cifar10_vgg11_bn.png").exists()
@@ -109,6 +111,35 @@ def test_jacobian_penalty_sweep_records_the_metrics_and_is_the_baseline_at_zero(
     (base_dir,) = [name for name in cells if "jacobian_penalty" not in name]
     logged = json.loads((tmp_path / base_dir / "metrics.json").read_text())
     assert [m["batch_loss"] for m in zero["metrics"]] == [m["batch_loss"] for m in logged]
+
+
+@pytest.mark.slow
+def test_matched_cells_train_on_to_the_unpenalised_training_loss(tmp_path, cli):
+    from conftest import assert_one_line_error
+    argv = tiny(tmp_path, "--sweeps", "jacobian", "--jacobian-penalties", "0", "1",
+                "--match-train-loss", "--match-max-epochs", "3")
+    early = cli.main(tr, [*argv, "--grid-index", "1"])  # the penalised cell before its baseline
+    assert_one_line_error(early, "must finish before")
+    assert not results(tmp_path)
+    assert cli.main(tr, argv).code == 0
+    cells = results(tmp_path)
+    (baseline,) = [r for name, r in cells.items() if "jacobian_penalty" not in name]
+    (matched,) = [r for name, r in cells.items() if "jacobian_penalty=1_" in name]
+    assert "matched" not in baseline
+    assert matched["match_target"] == baseline["train_loss"]
+    assert 2 <= matched["epochs_trained"] <= 2 + 3
+    assert matched["matched"] == (matched["train_loss"] <= baseline["train_loss"])
+    # stopped as soon as it matched, or at the cap
+    assert matched["matched"] or matched["epochs_trained"] == 5
+    for key in ("train_loss", "gap", "sharpness", "jacobian", "test_accuracy"):
+        assert math.isfinite(matched[f"scheduled_{key}"]), key
+    (name,) = [name for name in cells if "jacobian_penalty=1_" in name]
+    logged = json.loads((tmp_path / name / "metrics.json").read_text())
+    clean = [m["clean_train_loss"] for m in logged if "clean_train_loss" in m]
+    assert clean[0] == matched["scheduled_train_loss"] and len(clean) == matched["epochs_trained"] - 1
+    assert all(c > matched["match_target"] for c in clean[:-1])
+    if matched["epochs_trained"] > 2:
+        assert clean[-1] == pytest.approx(matched["train_loss"], rel=1e-6)
 
 
 def test_learning_rate_schedule_divides_by_ten_at_milestones():

@@ -1,0 +1,151 @@
+"""The scale ladder of Section 6 (plots/CLAIMS.md, rows 7-23 and 46-51): the thesis statistics
+against the number of training images, from committed results alone.
+
+Each sweep of Section 6 (the regularisers, Appendix B.3; learning rate x batch size, B.2) is run
+at several rungs: the reduced scale of the ledger's rows (the bottom rung) and rungs on more
+training images up to all 50,000 of CIFAR-10. Per rung this reads every finished cell and gives
+the number of cells, the median test accuracy and final clean training loss (is the rung in a
+regime where networks generalise?) and Kendall's tau of the generalisation gap against the
+softmax Jacobian norm, the sharpness and the Gauss-Newton norm, over the rung's cells at
+initial learning rate 0.1 (the one learning rate every rung has; the pooled value over all
+learning rates is saved too).
+
+    python plots/ladder.py            # writes plots/ladder/ladder.{png,pdf,json}, prints the table
+
+The rungs' commands are in plots/README.md ("The scale ladder"). A rung is a committed runs
+file (`*_runs.json`) or a folder of committed run folders (config.json, metrics.json,
+result.json each); a rung not committed yet is skipped.
+"""
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path
+
+PLOTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(PLOTS.parent))
+import common  # noqa: E402
+
+# Sweep -> its rungs, bottom first (paths relative to plots/).
+LADDER = {
+    "regularisers, VGG11+BN": ["train_regularisers/fig21_runs.json",
+                               "train_regularisers/ladder/n10000",
+                               "train_regularisers/ladder/n50000"],
+    "batch/lr, VGG11+BN": ["batch_lr/three_trials/fig14_fig18_runs.json",
+                           "batch_lr/ladder/vgg11_n10000"],
+    "batch/lr, ResNet18+BN": ["batch_lr/three_trials/fig12_fig16_runs.json",
+                              "batch_lr/ladder/resnet18_n10000"],
+}
+STATISTICS = {"jacobian": "τ(gap, Jacobian)", "sharpness": "τ(gap, sharpness)",
+              "gauss_newton": "τ(gap, Gauss-Newton)"}
+IMAGE_TICKS = (1000, 2000, 4000, 10_000, 50_000)
+COMMON_LR = "0.1"
+TRAIN_SPLIT = 50_000  # CIFAR-10's training split: a cell with train_size None used all of it
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=PLOTS, help="where the rungs are (plots/)")
+    parser.add_argument("--out", type=Path, default=PLOTS / "ladder", help="folder of the figure and JSON")
+    return parser.parse_args(argv)
+
+
+def rung_runs(path):
+    """A rung's saved runs: a runs file's entries, or the run folders under a folder."""
+    if path.suffix == ".json":
+        return common.load_json(path)
+    return [common.load_run(d) for d in sorted(path.iterdir()) if (d / "result.json").exists()]
+
+
+def median(values):
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def rung_summary(runs):
+    """One rung's row: its scale, how well its networks fit and generalise, and the taus."""
+    finished = [r for r in runs if r["result"]["status"] == "finished"]
+    config = runs[0]["config"]
+    tau = common.sweep_correlations(runs, against=tuple(STATISTICS), within="lr")
+    at_lr = tau["per_lr"].get(COMMON_LR, {})
+    return {"images": config.get("train_size") or TRAIN_SPLIT, "width": config["width"],
+            "test_images": config.get("test_size") or 10_000,
+            "epochs": sorted({r["config"].get("epochs") for r in runs}, key=str),
+            "lrs": sorted({r["config"]["lr"] for r in runs}),
+            "trials": len({r["config"]["trial"] for r in runs}),
+            "cells": len(runs), "finished": len(finished),
+            "median_test_accuracy": median([r["result"].get("test_accuracy") for r in finished]),
+            "median_train_loss": median([r["result"].get("train_loss") for r in finished]),
+            "cells_at_lr": at_lr.get("n", 0),
+            **{f"tau_{q}": at_lr.get(f"tau_gap_{q}", math.nan) for q in STATISTICS},
+            **{f"tau_{q}_pooled": tau[f"tau_gap_{q}"] for q in STATISTICS}}
+
+
+def ladder(root):
+    """{sweep: [rung summaries, bottom first]} over the committed rungs."""
+    out = {}
+    for sweep, paths in LADDER.items():
+        rungs = []
+        for path in paths:
+            if (root / path).exists() and (runs := rung_runs(root / path)):
+                rungs.append({"source": path, **rung_summary(runs)})
+        if rungs:
+            out[sweep] = rungs
+    return out
+
+
+def table(data):
+    """The ladder as a markdown table (plots/README.md quotes it)."""
+    lines = ["| sweep | images | width | epochs | cells (at lr 0.1) | median test acc. | median train loss "
+             "| τ(gap, J) | τ(gap, sharp.) | τ(gap, GN) |", "|---" * 10 + "|"]
+    for sweep, rungs in data.items():
+        for r in rungs:
+            epochs = "/".join(str(e) for e in r["epochs"]) if r["epochs"] != [None] else "to target"
+            lines.append(f"| {sweep} | {r['images']} | 1/{round(1 / r['width'])} | {epochs} "
+                         f"| {r['finished']} ({r['cells_at_lr']}) | {r['median_test_accuracy']:.3f} "
+                         f"| {r['median_train_loss']:.3g} | {r['tau_jacobian']:.2f} "
+                         f"| {r['tau_sharpness']:.2f} | {r['tau_gauss_newton']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(data, out):
+    """Top row: each tau against the training images, a line per sweep; bottom row: the median
+    test accuracy and training loss, and the cells, so a tau is read beside its regime."""
+    fig, axes = common.new_figure(2, 3, panel_size=(3.4, 2.6))
+    styles = dict(zip(LADDER, ("o-", "s--", "^:")))
+    panels = [(axes[0, i], f"tau_{q}", label) for i, (q, label) in enumerate(STATISTICS.items())]
+    panels += [(axes[1, 0], "median_test_accuracy", "median test accuracy"),
+               (axes[1, 1], "median_train_loss", "median final training loss"),
+               (axes[1, 2], "cells_at_lr", f"cells at lr {COMMON_LR}")]
+    for ax, key, label in panels:
+        for sweep, rungs in data.items():
+            ax.plot([r["images"] for r in rungs], [r[key] for r in rungs], styles[sweep], label=sweep)
+        ax.set_xscale("log")
+        ax.set_xlim(700, 80_000)
+        ax.set_xticks(IMAGE_TICKS, [f"{n // 1000}k" for n in IMAGE_TICKS])
+        ax.minorticks_off()
+        ax.set_xlabel("training images")
+        ax.set_ylabel(label)
+        if key.startswith("tau"):
+            ax.set_ylim(-1.05, 1.05)
+            ax.axhline(0, color="0.7", lw=0.8)
+    axes[1, 1].set_yscale("log")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize="small")
+    fig.suptitle(f"Scale ladder (CPU runs, CIFAR-10): Kendall τ over each rung's cells at lr "
+                 f"{COMMON_LR}")
+    return common.save_figure(fig, out / "ladder")
+
+
+def main(args):
+    data = ladder(args.root)
+    args.out.mkdir(parents=True, exist_ok=True)
+    common.save_json(args.out / "ladder.json", data)
+    print(table(data))
+    for path in plot(data, args.out):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(parse_args())

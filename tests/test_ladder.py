@@ -1,0 +1,78 @@
+"""plots/ladder.py: the scale ladder's rows are computed from the rungs' saved cells (runs files
+or run folders), and the committed ladder matches the committed rungs."""
+import importlib.util
+import json
+import math
+
+import pytest
+
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("ladder", REPO / "plots" / "ladder.py")
+ladder = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ladder)
+
+
+def cell(lr, trial, gap, jacobian, sharpness, gauss_newton, train_size=10_000, status="finished"):
+    return {"config": {"lr": lr, "trial": trial, "width": 0.125, "train_size": train_size,
+                       "test_size": None, "epochs": 30},
+            "result": {"status": status, "gap": gap, "jacobian": jacobian, "sharpness": sharpness,
+                       "gauss_newton": gauss_newton, "test_accuracy": 0.5 + gap / 10,
+                       "train_loss": gap / 100}}
+
+
+def write_run_folders(folder, cells):
+    for i, c in enumerate(cells):
+        run = folder / f"run{i}"
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"config": c["config"]}))
+        (run / "metrics.json").write_text("[]")
+        (run / "result.json").write_text(json.dumps(c["result"]))
+
+
+def test_rung_rows_from_run_folders_and_runs_files(tmp_path, monkeypatch):
+    # lr 0.1: the gap rises with the Jacobian (tau 1), falls with sharpness (tau -1), the
+    # Gauss-Newton norm ties; lr 0.01 cells enter the pooled taus and the medians only.
+    top = [cell(0.1, 0, 1.0, 1, 3, 1), cell(0.1, 1, 2.0, 2, 2, 1), cell(0.1, 2, 3.0, 3, 1, 1),
+           cell(0.01, 0, 0.5, 9, 9, 9)]
+    write_run_folders(tmp_path / "top", top)
+    (tmp_path / "bottom_runs.json").write_text(json.dumps(
+        [cell(0.1, t, g, g, g, g, train_size=2000) for t, g in enumerate((1.0, 2.0))]))
+    monkeypatch.setattr(ladder, "LADDER", {"sweep": ["bottom_runs.json", "top", "absent"]})
+    data = ladder.ladder(tmp_path)
+    bottom, rung = data["sweep"]
+    assert [bottom["images"], rung["images"]] == [2000, 10_000]
+    assert rung["cells"] == rung["finished"] == 4 and rung["cells_at_lr"] == 3
+    assert rung["tau_jacobian"] == pytest.approx(1.0)
+    assert rung["tau_sharpness"] == pytest.approx(-1.0)
+    assert math.isnan(rung["tau_gauss_newton"])  # constant: no ranking
+    assert rung["median_test_accuracy"] == pytest.approx(0.5 + 1.5 / 10)
+    assert rung["median_train_loss"] == pytest.approx(1.5 / 100)
+    assert bottom["tau_jacobian"] == pytest.approx(1.0)
+    row = ladder.table(data).splitlines()[3]
+    assert row.startswith("| sweep | 10000 | 1/8 | 30 | 4 (3) | 0.650 | 0.015 | 1.00 | -1.00 | nan |")
+
+
+def test_diverged_cells_are_counted_but_not_ranked(tmp_path, monkeypatch):
+    cells = [cell(0.1, 0, 1.0, 1, 1, 1), cell(0.1, 1, 2.0, 2, 2, 2),
+             cell(0.1, 2, math.nan, math.nan, math.nan, math.nan, status="diverged")]
+    write_run_folders(tmp_path / "rung", cells)
+    monkeypatch.setattr(ladder, "LADDER", {"sweep": ["rung"]})
+    (rung,) = ladder.ladder(tmp_path)["sweep"]
+    assert rung["cells"] == 3 and rung["finished"] == 2 and rung["cells_at_lr"] == 2
+    assert rung["tau_jacobian"] == pytest.approx(1.0)
+
+
+def plain(value):
+    """value with NaN as None (as saved JSON holds it), so two ladders compare with ==."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def test_committed_ladder_matches_the_committed_rungs():
+    saved = json.loads((REPO / "plots" / "ladder" / "ladder.json").read_text())
+    fresh = ladder.ladder(REPO / "plots")
+    assert plain(fresh) == plain(saved), "plots/ladder/ladder.json is stale: rerun python plots/ladder.py"
