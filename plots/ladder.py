@@ -10,7 +10,11 @@ softmax Jacobian norm, the sharpness and the Gauss-Newton norm, over the rung's 
 initial learning rate 0.1 (the one learning rate every rung has; the pooled value over all
 learning rates is saved too).
 
-    python plots/ladder.py            # writes plots/ladder/ladder.{png,pdf,json}, prints the table
+    python plots/ladder.py            # writes plots/ladder/ladder.{png,pdf,json}, prints the tables
+
+It also tabulates the regulariser sweep's baseline cell (weight decay 5e-4, nothing else, lr
+0.1) at every width and number of images tried, with its CPU minutes (training and the
+end-of-training measurements, one thread): the table each rung's width was chosen from.
 
 The rungs' commands are in plots/README.md ("The scale ladder"). A rung is a committed runs
 file (`*_runs.json`) or a folder of committed run folders (config.json, metrics.json,
@@ -40,6 +44,12 @@ STATISTICS = {"jacobian": "τ(gap, Jacobian)", "sharpness": "τ(gap, sharpness)"
               "gauss_newton": "τ(gap, Gauss-Newton)"}
 IMAGE_TICKS = (1000, 2000, 4000, 10_000, 50_000)
 COMMON_LR = "0.1"
+# The regulariser sweep's baseline cells (weight decay 5e-4, every other regulariser off) at lr
+# 0.1, at every width and number of images tried: the table the rungs' widths were chosen from.
+WIDTH_TABLE = ["train_regularisers/fig21_runs.json", "train_regularisers/ladder/width_table",
+               "train_regularisers/ladder/n10000", "train_regularisers/ladder/n50000"]
+BASELINE = {"lr": 0.1, "weight_decay": 0.0005, "smoothing": 0.0, "mixup_beta": None,
+            "augment_p": 0.0, "sam_rho": 0.0}
 TRAIN_SPLIT = 50_000  # CIFAR-10's training split: a cell with train_size None used all of it
 
 
@@ -95,6 +105,26 @@ def ladder(root):
     return out
 
 
+def width_table(root):
+    """Rows (width, images, epochs, cells, median test accuracy and training loss, minutes a
+    cell) of the baseline cells under WIDTH_TABLE, smallest first."""
+    groups = {}
+    for path in WIDTH_TABLE:
+        if (root / path).exists():
+            for r in rung_runs(root / path):
+                c = r["config"]
+                if (r["result"]["status"] == "finished" and not c.get("jacobian_penalty")
+                        and all(c.get(k) == v for k, v in BASELINE.items())):
+                    key = (c["width"], c.get("train_size") or TRAIN_SPLIT, c["epochs"])
+                    groups.setdefault(key, []).append(r["result"])
+    return [{"width": w, "images": n, "epochs": e, "cells": len(results),
+             "median_test_accuracy": median([x["test_accuracy"] for x in results]),
+             "median_train_loss": median([x["train_loss"] for x in results]),
+             "minutes": statistics.mean((x["train_seconds"] + x["measure_seconds"]) / 60
+                                        for x in results)}
+            for (w, n, e), results in sorted(groups.items())]
+
+
 def table(data):
     """The ladder as a markdown table (plots/README.md quotes it)."""
     lines = ["| sweep | images | width | epochs | cells (at lr 0.1) | median test acc. | median train loss "
@@ -106,6 +136,16 @@ def table(data):
                          f"| {r['finished']} ({r['cells_at_lr']}) | {r['median_test_accuracy']:.3f} "
                          f"| {r['median_train_loss']:.3g} | {r['tau_jacobian']:.2f} "
                          f"| {r['tau_sharpness']:.2f} | {r['tau_gauss_newton']:.2f} |")
+    return "\n".join(lines)
+
+
+def width_markdown(rows):
+    """The width table as markdown (plots/README.md quotes it)."""
+    lines = ["| width | images | epochs | cells | median test acc. | median train loss | minutes a cell |",
+             "|---" * 7 + "|"]
+    lines += [f"| 1/{round(1 / r['width'])} | {r['images']} | {r['epochs']} | {r['cells']} "
+              f"| {r['median_test_accuracy']:.3f} | {r['median_train_loss']:.3g} | {r['minutes']:.1f} |"
+              for r in rows]
     return "\n".join(lines)
 
 
@@ -139,10 +179,10 @@ def plot(data, out):
 
 
 def main(args):
-    data = ladder(args.root)
+    data, widths = ladder(args.root), width_table(args.root)
     args.out.mkdir(parents=True, exist_ok=True)
-    common.save_json(args.out / "ladder.json", data)
-    print(table(data))
+    common.save_json(args.out / "ladder.json", {"ladder": data, "width_table": widths})
+    print(table(data), width_markdown(widths), sep="\n\n")
     for path in plot(data, args.out):
         print(f"wrote {path}")
 

@@ -53,6 +53,22 @@ def test_rung_rows_from_run_folders_and_runs_files(tmp_path, monkeypatch):
     assert row.startswith("| sweep | 10000 | 1/8 | 30 | 4 (3) | 0.650 | 0.015 | 1.00 | -1.00 | nan |")
 
 
+def test_width_table_keeps_the_baseline_cells_at_lr_0_1(tmp_path, monkeypatch):
+    base = dict(weight_decay=0.0005, smoothing=0.0, mixup_beta=None, augment_p=0.0, sam_rho=0.0)
+    cells = []
+    for lr, sam, trial, acc in ((0.1, 0.0, 0, 0.6), (0.1, 0.0, 1, 0.8), (0.1, 0.05, 0, 0.9), (0.05, 0.0, 0, 0.1)):
+        c = cell(lr, trial, 1.0, 1, 1, 1)
+        c["config"].update(base, sam_rho=sam)
+        c["result"].update(test_accuracy=acc, train_seconds=60.0 * (trial + 1), measure_seconds=60.0)
+        cells.append(c)
+    write_run_folders(tmp_path / "rung", cells)
+    monkeypatch.setattr(ladder, "WIDTH_TABLE", ["rung"])
+    (row,) = ladder.width_table(tmp_path)
+    assert (row["width"], row["images"], row["epochs"], row["cells"]) == (0.125, 10_000, 30, 2)
+    assert row["median_test_accuracy"] == pytest.approx(0.7)
+    assert row["minutes"] == pytest.approx(2.5)
+
+
 def test_diverged_cells_are_counted_but_not_ranked(tmp_path, monkeypatch):
     cells = [cell(0.1, 0, 1.0, 1, 1, 1), cell(0.1, 1, 2.0, 2, 2, 2),
              cell(0.1, 2, math.nan, math.nan, math.nan, math.nan, status="diverged")]
@@ -74,5 +90,5 @@ def plain(value):
 
 def test_committed_ladder_matches_the_committed_rungs():
     saved = json.loads((REPO / "plots" / "ladder" / "ladder.json").read_text())
-    fresh = ladder.ladder(REPO / "plots")
+    fresh = {"ladder": ladder.ladder(REPO / "plots"), "width_table": ladder.width_table(REPO / "plots")}
     assert plain(fresh) == plain(saved), "plots/ladder/ladder.json is stale: rerun python plots/ladder.py"
