@@ -292,10 +292,9 @@ def sweep_figure(runs, x_key, style_key, title, correlation):
     for ax, (metric, label) in zip(axes.flat, METRIC_LABELS.items()):
         common.plot_sweep(ax, runs, x_key, style_key, metric, style_label=labels[style_key],
                           log_x=True, log_y=metric in ("sharpness", "iterations",
-                                                       "jacobian_lipschitz"))
-        ax.set_xlabel(labels[x_key])
-        ax.set_ylabel(label)
-    axes[0, 0].legend(fontsize="x-small")
+                                                       "jacobian_lipschitz"),
+                          xlabel=labels[x_key], ylabel=label)
+    common.legend_below(fig, common.labelled_handles(fig.axes))
     trials = len({r["config"]["trial"] for r in runs})
     within = ", ".join(f"{lr}: {w['tau_gap_jacobian']:.2f} / {w['tau_gap_sharpness']:.2f}"
                        for lr, w in correlation["per_lr"].items())

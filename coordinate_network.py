@@ -375,8 +375,9 @@ def plot_fits(runs, stem, subtitle=None):
         ax.set_xlabel("x")
         ax.set_ylabel("network output f(x)")
         ax.set_ylim(-2.5, 2.5)
+        ax.set_xticks(np.linspace(-1, 1, 5))  # the default 9 ticks' labels run together
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small", loc="lower right")
+    common.legend_below(fig, common.labelled_handles(fig.axes))
     if subtitle:
         fig.suptitle(subtitle)
     return common.save_figure(fig, stem, settings=[r["config"] for r in runs])

@@ -351,12 +351,14 @@ def plot(args, runs):
             scale = f", width {args.width:g}, {args.train_size or 50000} images" if reduced else ""
             fig, panels = common.plot_runs(mine, list(METRIC_LABELS), "smoothing",
                                            labels=METRIC_LABELS, style_label="smoothing",
-                                           log_metrics=("jacobian",),
+                                           log_metrics=("jacobian",), legend=False,
                                            title=f"{model}, full-batch GD, lr {lr:g}{scale}: "
                                                  f"mean ± std over {trials} trials\n"
                                                  f"{common.dataset_label(args.dataset)}, "
                                                  f"{common.scale_label(args, reduced)}")
-            common.plot_step_curvatures(panels["sharpness"], mine, "smoothing", two_over_lr=2 / lr)
+            marks = common.plot_step_curvatures(panels["sharpness"], mine, "smoothing",
+                                                two_over_lr=2 / lr)
+            common.legend_below(fig, common.labelled_handles(panels.values()) + marks)
             stem = f"{PAPER_FIGURES.get((model, lr), 'fig')}_{model}_lr{lr:g}"
             paths += common.save_figure(fig, f"{args.out}/plots/{stem}",
                                         settings=[r["config"] for r in mine])
@@ -391,7 +393,7 @@ def bn_modes_figure(runs):
         ax.set_ylabel("relative difference")
         ax.set_title(title, fontsize="small")
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize="x-small")
+    common.legend_below(fig, common.labelled_handles(axes[0]), fontsize="x-small")
     c = runs[0]["config"]
     lrs = ", ".join(f"{lr:g}" for lr in sorted({r["config"]["lr"] for r in runs}))
     scale = (f"{c['model']}, width {c['width']:g}, {c['train_size'] or 50000} training images, "

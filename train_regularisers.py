@@ -374,14 +374,13 @@ def plot(args, out):
                 runs, against=("jacobian", "sharpness", "gauss_newton"), within="lr")
             for ax, (metric, label) in zip(row, METRIC_LABELS.items()):
                 common.plot_sweep(ax, runs, key, "lr", metric, style_label="initial lr",
-                                  log_y=sweep == "weight_decay" and metric != "test_accuracy")
+                                  log_y=sweep == "weight_decay" and metric != "test_accuracy",
+                                  xlabel=xlabel, ylabel=label)
                 if sweep == "jacobian":
                     symlog_axis(ax, [r["config"][key] for r in runs])
-                ax.set_xlabel(xlabel)
-                ax.set_ylabel(label)
             row[0].set_title(f"τ(gap, Jac) = {tau['tau_gap_jacobian']:.2f}, "
                              f"τ(gap, sharp) = {tau['tau_gap_sharpness']:.2f}", fontsize="small")
-            row[0].legend(fontsize="x-small")
+        common.legend_below(fig, common.labelled_handles(fig.axes))
         trials = max(len({r["config"]["trial"] for r in runs}) for _, runs in rows)
         reduced = not (args.width == 1 and args.train_size is None)
         fig.suptitle(f"{model} {'with' if bn else 'without'} BN on {common.dataset_label(dataset)}"

@@ -308,11 +308,12 @@ def plot(args, runs):
     for stem, shown, span, logs in figures:
         fig, panels = common.plot_runs(shown, metrics, "smoothing",
                                        labels=METRIC_LABELS, style_label="smoothing",
-                                       log_metrics=logs,
+                                       log_metrics=logs, ncols=3, legend=False,
                                        xlabel=f"iteration ({per_epoch} per epoch)",
                                        title=f"{title}, {span}\n{data}")
-        common.plot_step_curvatures(panels["sharpness"], shown, "smoothing",
-                                    two_over_lr=2 / args.lr)
+        marks = common.plot_step_curvatures(panels["sharpness"], shown, "smoothing",
+                                            two_over_lr=2 / args.lr)
+        common.legend_below(fig, common.labelled_handles(panels.values()) + marks)
         paths += common.save_figure(fig, f"{args.out}/plots/{stem}",
                                     settings=[r["config"] for r in runs])
     return paths
