@@ -30,9 +30,11 @@ Writes, under --out (default results/batch_lr; results/batch_lr_smoke with --smo
     <model=..._dataset=..._lr=..._batch_size=..._trial=...-hash>/{config,metrics,result}.json
     plots/fig12..15_<model>_<dataset>_vs_lr.{png,pdf}      metric vs lr, line style per batch
     plots/fig16..19_<model>_<dataset>_vs_batch.{png,pdf}   metric vs batch, line style per lr
+        (ResNet18 on CIFAR-10: fig03_fig12_..._vs_lr, fig04_fig16_..._vs_batch)
     plots/correlations.json    Kendall tau(gap, Jacobian norm), tau(gap, sharpness),
                                tau(gap, Lip of the Jacobian) per sweep
-Figure 3 is the ResNet18/CIFAR-10 vs-lr figure (fig12), Figure 4 its vs-batch one (fig16).
+Figure 3 is the ResNet18/CIFAR-10 vs-lr figure (fig12), Figure 4 its vs-batch one (fig16): their
+files carry both numbers.
 
 Choices where the paper is silent (a careful reading, not the authors' code):
 - "SGD" is read as plain SGD (momentum 0; --momentum to change), one random permutation per
@@ -63,6 +65,7 @@ PAPER_TARGETS = {"cifar10": 0.01, "cifar100": 0.02}  # stopping loss per data se
 # Figure numbers of the paper, by (model, data set) and x axis.
 FIGURES = {("resnet18", "cifar10"): 12, ("resnet18", "cifar100"): 13,
            ("vgg11", "cifar10"): 14, ("vgg11", "cifar100"): 15}
+MAIN_FIGURES = {12: 3, 16: 4}  # appendix figure -> the main-text figure that shows it
 METRIC_LABELS = {"gap": "generalisation gap", "jacobian": "Jacobian norm (softmax)",
                  "sharpness": "sharpness", "train_loss": "training loss",
                  "test_accuracy": "test accuracy", "iterations": "iterations",
@@ -278,11 +281,18 @@ def plot(args, runs):
                 title = (f"{model}, {common.dataset_label(dataset)}, "
                          f"{common.scale_label(args, reduced)}")
                 fig = sweep_figure(mine, x_key, style_key, title, correlations[name])
-                stem = f"fig{number + offset}_{name}_{suffix}" if number else f"{name}_{suffix}"
+                prefix = figure_prefix(number + offset) if number else ""
+                stem = f"{prefix}{name}_{suffix}"
                 paths += common.save_figure(fig, f"{args.out}/plots/{stem}",
                                             settings=[r["config"] for r in mine])
     common.save_json(f"{args.out}/plots/correlations.json", correlations)
     return paths, correlations
+
+
+def figure_prefix(number):
+    """"figNN_" for appendix figure NN, led by the main-text figure showing it: "fig03_fig12_"."""
+    main = MAIN_FIGURES.get(number)
+    return (f"fig{main:02d}_" if main else "") + f"fig{number}_"
 
 
 def sweep_figure(runs, x_key, style_key, title, correlation):

@@ -34,7 +34,8 @@ Data-parallel on K GPUs (or CPU processes):
 
 Writes, under --out (default results/fullbatch):
     <model=..._lr=..._smoothing=..._trial=...-hash>/{config,metrics,result}.json  one per run
-    plots/fig06_vgg11_lr0.08.{png,pdf} ... fig11_resnet18_lr0.02  (Figure 1 = Figure 6)
+    plots/fig01_fig06_vgg11_lr0.08.{png,pdf}, fig07_vgg11_lr0.04, ... fig11_resnet18_lr0.02
+        (Figure 1 is Figure 6: its file carries both numbers)
 
 Choices where the paper is silent (a careful reading, not the authors' code):
 - Iteration t's loss and accuracy are those of the parameters after t updates, measured (in
@@ -62,7 +63,7 @@ import torch
 
 import common
 
-PAPER_FIGURES = {("vgg11", 0.08): "fig06", ("vgg11", 0.04): "fig07", ("vgg11", 0.02): "fig08",
+PAPER_FIGURES = {("vgg11", 0.08): "fig01_fig06", ("vgg11", 0.04): "fig07", ("vgg11", 0.02): "fig08",
                  ("resnet18", 0.08): "fig09", ("resnet18", 0.04): "fig10",
                  ("resnet18", 0.02): "fig11"}
 METRIC_LABELS = {"loss": "cross entropy - label entropy", "sharpness": "sharpness",

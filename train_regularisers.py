@@ -41,7 +41,8 @@ with --smoke):
         metrics: per epoch the mean batch loss, the learning rate and the weight norm
     plots/fig20..27_<dataset>_<model>_<bn|no-bn>.{png,pdf}  a row per sweep, a column per metric,
         line style per initial learning rate. Figure 2 is the weight-decay row, Figure 5 the
-        other rows of fig23 (ResNet18 with BN on CIFAR-10).
+        other rows of fig23 (ResNet18 with BN on CIFAR-10): its file carries the numbers of
+        the rows drawn, fig02_fig05_fig23_cifar10_resnet18_bn with every paper sweep.
     plots/correlations.json   Kendall tau of the gap against Jacobian norm, sharpness and
         Gauss-Newton norm, per (data set, model, BN, sweep), each cell one point
 
@@ -79,6 +80,8 @@ SWEEPS = {"weight_decay": ("weight_decay", "weight decay"),
 PAPER_SWEEPS = ["weight_decay", "label_smoothing", "mixup", "augmentation", "sam"]
 FIGURES = {(d, m, bn): 20 + 4 * i + 2 * j + int(bn) for i, d in enumerate(("cifar10", "cifar100"))
            for j, m in enumerate(("vgg11", "resnet18")) for bn in (False, True)}
+# Main-text figures within an appendix figure, by the sweeps (rows) that make them.
+MAIN_FIGURES = {23: {2: ["weight_decay"], 5: ["label_smoothing", "mixup", "augmentation", "sam"]}}
 METRIC_LABELS = {"gap": "generalisation gap", "sharpness": "sharpness",
                  "gauss_newton": "Gauss-Newton norm", "jacobian": "Jacobian norm (softmax)",
                  "train_loss": "training loss", "test_accuracy": "validation accuracy",
@@ -354,6 +357,14 @@ def symlog_axis(ax, values):
         ax.set_xticks(values, [f"{v:g}" for v in values])
 
 
+def figure_prefix(number, sweeps_drawn):
+    """"figNN_" for appendix figure NN, led by the main-text figures among its rows drawn:
+    "fig02_fig05_fig23_" for fig23 with the weight-decay row and another paper sweep."""
+    mains = [main for main, sweeps in MAIN_FIGURES.get(number, {}).items()
+             if set(sweeps) & set(sweeps_drawn)]
+    return "".join(f"fig{main:02d}_" for main in mains) + f"fig{number}_"
+
+
 def plot(args, out):
     """Per (data set, model, BN): a row per sweep, a column per metric, a line style per initial
     learning rate; and the Kendall correlations of every sweep."""
@@ -389,7 +400,7 @@ def plot(args, out):
                      f"outside its own sweep, mean ± std over {trials} trials "
                      f"(τ: Kendall, over cells)")
         number = FIGURES.get((dataset.removeprefix("synthetic-"), model, bn))
-        stem = f"fig{number}_{name}" if number else name
+        stem = f"{figure_prefix(number, [sweep for sweep, _ in rows])}{name}" if number else name
         paths += common.save_figure(fig, f"{out}/plots/{stem}",
                                     settings=[r["config"] for _, runs in rows for r in runs])
     common.save_json(f"{out}/plots/correlations.json", correlations)

@@ -96,7 +96,8 @@ def _overlap(a, b):
 def layout_problems(fig, dpi=150):
     """What breaks the figure rules in `fig` drawn at `dpi` on its whole canvas, one line per
     problem (empty when there is none):
-    - a text or legend reaching beyond the canvas (by more than TOLERANCE_PX);
+    - a text or legend, or a panel's tight bounding box (everything it draws, marks outside
+      its plotting area included), reaching beyond the canvas (by more than TOLERANCE_PX);
     - a legend over a panel's plotting area (it may cover data: legends go beside the panels);
     - a text over another panel's plotting area (a figure text: over any panel's);
     - two texts or legends over each other or closer than TEXT_GAP_PT (tick labels, labels,
@@ -117,6 +118,10 @@ def layout_problems(fig, dpi=150):
                      and _overlap(box, ax.bbox) > TOLERANCE_PX ** 2]
         if " offset text " in name and additive_offset(artist.get_text()):
             problems.append(f"{name}: an additive offset (each tick label reads only against it)")
+    problems += [f"{panel_name(ax, i)} (its tight bounding box): {d:.0f} px beyond the "
+                 f"canvas's {side} edge" for i, ax in panels
+                 for side, d in _outside(ax.get_tightbbox(renderer), fig.bbox.width,
+                                         fig.bbox.height).items()]
     problems += [f"{axis.axis_name} axis of {panel_name(ax, i)}: no tick label"
                  for i, ax in panels for axis in (ax.xaxis, ax.yaxis)
                  if axis.get_visible() and not _tick_labels(axis)]

@@ -126,7 +126,7 @@ def test_plot_only_redraws_from_saved_results(tmp_path, cli):
     nothing_saved = cli.main(fullbatch, TINY + ["--out", out, "--plot-only"])
     assert_one_line_error(nothing_saved, "no saved results")
     run_main(TINY + ["--out", str(out), "--smoothings", "0"])
-    png = out / "plots" / "fig06_vgg11_lr0.08.png"
+    png = out / "plots" / "fig01_fig06_vgg11_lr0.08.png"
     png.unlink()
     saved = {p: p.stat().st_mtime_ns for p in out.glob("*/*.json")
              if p.parent.name != "plots"}  # the runs; plots/runs.json is redrawn
