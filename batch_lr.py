@@ -72,13 +72,20 @@ METRIC_LABELS = {"gap": "generalisation gap", "jacobian": "Jacobian norm (softma
                  "jacobian_lipschitz": "Lip(Jacobian) lower estimate"}
 CORRELATED = ("jacobian", "sharpness", "jacobian_lipschitz")  # Kendall tau(gap, each)
 RUN_KEYS = ("model", "dataset", "lr", "batch_size", "trial")
+FIGURE_FLAGS = """\
+Figures (files under <--out>/plots; the defaults give all eight, --plot-only redraws):
+  Figure 3 / 12 (vs lr), Figure 4 / 16 (vs batch)   --models resnet18 --datasets cifar10
+  Figures 13, 17                                    --models resnet18 --datasets cifar100
+  Figures 14, 18                                    --models vgg11 --datasets cifar10
+  Figures 15, 19                                    --models vgg11 --datasets cifar100
+  e.g. fig03_fig12_resnet18_cifar10_vs_lr.png, fig04_fig16_resnet18_cifar10_vs_batch.png"""
 
 
 # ----------------------------------------------------------------------------- arguments
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(__doc__, trials=5, out="results/batch_lr")
+    parser = common.make_parser(__doc__, trials=5, out="results/batch_lr", figures=FIGURE_FLAGS)
     parser.add_argument("--models", nargs="+", default=["resnet18", "vgg11"],
                         choices=list(common.MODELS))
     parser.add_argument("--datasets", nargs="+", default=["cifar10", "cifar100"],

@@ -62,13 +62,19 @@ EPOCHS = {"gaussian": 10_000, "relu": 100_000}
 QUANTITIES = {"jacobian": "Jacobian norm", "sharpness": "sharpness",
               "first_layer_norm": "First layer weight norm", "loss": "final training loss"}
 RUN_KEYS = ("activation", "init")
+FIGURE_FLAGS = """\
+Figure and tables (files under <--out>/plots; the defaults give all, --plot-only redraws):
+  Figure 32   the defaults (a panel per activation)    fig32_fits.png
+  Table 1     --activations gaussian                   tables.md, tables.csv
+  Table 2     --activations relu                       tables.md, tables.csv"""
 
 
 # ----------------------------------------------------------------------------- arguments
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(__doc__, trials=10, out="results/coordinate_network")
+    parser = common.make_parser(__doc__, trials=10, out="results/coordinate_network",
+                                figures=FIGURE_FLAGS)
     parser.add_argument("--activations", nargs="+", default=["gaussian", "relu"],
                         help="MLP activations (a table each)",
                         choices=["gaussian", "relu"])

@@ -69,13 +69,22 @@ PAPER_FIGURES = {("vgg11", 0.08): "fig01_fig06", ("vgg11", 0.04): "fig07", ("vgg
 METRIC_LABELS = {"loss": "cross entropy - label entropy", "sharpness": "sharpness",
                  "jacobian": "Jacobian norm (softmax)"}
 RUN_KEYS = ("model", "lr", "smoothing", "trial")
+FIGURE_FLAGS = """\
+Figures (files under <--out>/plots; the defaults give all six, --plot-only redraws):
+  Figure 1 / 6   --models vgg11 --lrs 0.08       fig01_fig06_vgg11_lr0.08.png
+  Figure 7       --models vgg11 --lrs 0.04       fig07_vgg11_lr0.04.png
+  Figure 8       --models vgg11 --lrs 0.02       fig08_vgg11_lr0.02.png
+  Figure 9       --models resnet18 --lrs 0.08    fig09_resnet18_lr0.08.png
+  Figure 10      --models resnet18 --lrs 0.04    fig10_resnet18_lr0.04.png
+  Figure 11      --models resnet18 --lrs 0.02    fig11_resnet18_lr0.02.png
+  Theorem A.1    add --bn-check-batch-sizes 8 32 125 to any of these: figA1_bn_modes.png"""
 
 
 # ----------------------------------------------------------------------------- arguments
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(__doc__, trials=5, out="results/fullbatch")
+    parser = common.make_parser(__doc__, trials=5, out="results/fullbatch", figures=FIGURE_FLAGS)
     parser.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS))
     parser.add_argument("--models", nargs="+", default=["vgg11", "resnet18"],
                         choices=list(common.MODELS))

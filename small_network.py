@@ -38,6 +38,10 @@ import torch
 import common
 
 PAPER_FIGURES = {"relu": "fig30_relu", "tanh": "fig31_tanh"}
+FIGURE_FLAGS = """\
+Figures (files under <--out>/plots; the defaults give both, --plot-only redraws):
+  Figure 30   --activations relu    fig30_relu.png
+  Figure 31   --activations tanh    fig31_tanh.png"""
 METRIC_LABELS = {"loss": "training loss", "accuracy": "training accuracy", "sharpness": "sharpness",
                  "jacobian": "Jacobian norm (softmax)", "feature_norm": "last features' spectral norm"}
 
@@ -46,7 +50,8 @@ METRIC_LABELS = {"loss": "training loss", "accuracy": "training accuracy", "shar
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(__doc__, trials=5, out="results/small_network")
+    parser = common.make_parser(__doc__, trials=5, out="results/small_network",
+                                figures=FIGURE_FLAGS)
     parser.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS))
     parser.add_argument("--activations", nargs="+", default=["relu", "tanh"], help="a figure each",
                         choices=list(common.ACTIVATIONS))

@@ -78,11 +78,20 @@ DATA_KEYS = ("kind", "distribution")
 VARIANT_COLORS = {"base": "k", "smoothing": "C0", "weight_decay": "C1", "width": "C2", "steps": "C3"}
 
 
+FIGURE_FLAGS = """\
+Figures (not the paper's: it has no experiment for Section 4; files under <--out>/plots):
+  Theorem 4.5   the defaults (--thm45 base or all)    thm45.png
+  Theorem 4.6   the defaults                          thm46.png (alone, from a saved summary:
+                                                      --plot-summary theory_summary.json)
+  Ansatz 3.1    the defaults                          ansatz.png"""
+
+
 # ----------------------------------------------------------------------------- arguments
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(__doc__, trials=4, out="results/theory", gradient_check=False)
+    parser = common.make_parser(__doc__, trials=4, out="results/theory", gradient_check=False,
+                                figures=FIGURE_FLAGS)
     a = parser.add_argument
     a("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="target types")
     a("--distributions", nargs="+", default=list(DISTRIBUTIONS), choices=DISTRIBUTIONS,

@@ -89,13 +89,24 @@ METRIC_LABELS = {"gap": "generalisation gap", "sharpness": "sharpness",
 RUN_KEYS = ("dataset", "model", "batch_norm", "lr", "weight_decay", "smoothing", "mixup_beta",
             "augment_p", "sam_rho", "jacobian_penalty", "trial")
 BATCH_NORM = {"with": True, "without": False}
+FIGURE_FLAGS = """\
+Figures (files under <--out>/plots; the defaults give all eight, a row per --sweeps entry):
+  Figure 20   --datasets cifar10 --models vgg11 --batch-norm without
+  Figure 21   --datasets cifar10 --models vgg11 --batch-norm with
+  Figure 22   --datasets cifar10 --models resnet18 --batch-norm without
+  Figure 23   --datasets cifar10 --models resnet18 --batch-norm with
+      its weight-decay row is Figure 2 (alone: add --sweeps weight_decay), its other rows
+      Figure 5 (alone: add --sweeps label_smoothing mixup augmentation sam)
+  Figures 24-27   as 20-23 with --datasets cifar100
+  e.g. fig02_fig05_fig23_cifar10_resnet18_bn.png; --sweeps jacobian adds a row (not in the paper)"""
 
 
 # ----------------------------------------------------------------------------- arguments
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(__doc__, trials=5, out="results/train_regularisers")
+    parser = common.make_parser(__doc__, trials=5, out="results/train_regularisers",
+                                figures=FIGURE_FLAGS)
     parser.add_argument("--datasets", nargs="+", default=["cifar10", "cifar100"],
                         choices=list(common.DATASETS))
     parser.add_argument("--models", nargs="+", default=["vgg11", "resnet18"], choices=list(common.MODELS))

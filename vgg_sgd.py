@@ -65,13 +65,17 @@ METRIC_LABELS = {"loss": "cross entropy - label entropy", "sharpness": "sharpnes
                  "jacobian": "Jacobian norm (softmax)", "logit_jacobian": "Jacobian norm (logits)",
                  "output_norm": "output Frobenius norm"}
 RUN_KEYS = ("smoothing", "trial")
+FIGURE_FLAGS = """\
+Figures (files under <--out>/plots; one run gives both, --plot-only redraws):
+  Figure 28   the first epoch of any run (alone: --epochs 1)    fig28_first_epoch.png
+  Figure 29   the whole run, with --epochs above 1 (default 90)  fig29_all_epochs.png"""
 
 
 # ----------------------------------------------------------------------------- arguments
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(__doc__, trials=1, out="results/vgg_sgd")
+    parser = common.make_parser(__doc__, trials=1, out="results/vgg_sgd", figures=FIGURE_FLAGS)
     parser.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS))
     parser.add_argument("--model", default="vgg11", choices=list(common.MODELS))
     parser.add_argument("--smoothings", nargs="+", type=common.finite_float, default=[0.0, 0.5, 0.75])

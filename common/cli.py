@@ -109,12 +109,16 @@ def finite_float(text):
     return value
 
 
-def make_parser(doc, *, trials, out, gradient_check=True):
+def make_parser(doc, *, trials, out, gradient_check=True, figures=None):
     """A parser with the shared flags: --device, --data-root, --out, --trials, --seed, --smoke,
     --plot-only (and --no-gradient-check for scripts that train with `gradient_check_or_fail`).
-    Scripts add their own flags (paper settings as defaults) to it."""
-    parser = ArgumentParser(description=doc.strip().split("\n\n")[0],
-                            epilog=paper_command(doc), formatter_class=HelpFormatter)
+    Scripts add their own flags (paper settings as defaults) to it.
+
+    --help shows the docstring's first paragraph, then its "Paper's run" lines and, last,
+    `figures`: the script's map from flags to the figures they give, lines kept as written."""
+    epilog = "\n\n".join(part.strip("\n") for part in (paper_command(doc), figures) if part)
+    parser = ArgumentParser(description=doc.strip().split("\n\n")[0], epilog=epilog or None,
+                            formatter_class=HelpFormatter)
     g = parser.add_argument_group("shared")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: cuda if available, else cpu")
