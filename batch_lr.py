@@ -26,7 +26,8 @@ batches need far more iterations than that).
 Smoke run (seconds): python batch_lr.py --smoke  (the data sets present under --data-root, else a
 synthetic stand-in of CIFAR-10, said on the terminal and in the plot titles)
 
-Writes, under --out (default results/batch_lr; results/batch_lr_smoke with --smoke):
+Writes, under --out (default results/batch_lr; with --smoke results/batch_lr_smoke_<data sets>,
+e.g. results/batch_lr_smoke_cifar10 or results/batch_lr_smoke_synthetic-cifar10):
     <model=..._dataset=..._lr=..._batch_size=..._trial=...-hash>/{config,metrics,result}.json
     plots/fig12..15_<model>_<dataset>_vs_lr.{png,pdf}      metric vs lr, line style per batch
     plots/fig16..19_<model>_<dataset>_vs_batch.{png,pdf}   metric vs batch, line style per lr

@@ -32,7 +32,8 @@ Data-parallel on K GPUs (or CPU processes):
     each step's ghost batches (and the measurements' ghost batches and Jacobian inputs) are
     split across the ranks; rank 0 writes; results as in one process up to float rounding.
 
-Writes, under --out (default results/fullbatch):
+Writes, under --out (default results/fullbatch; with --smoke results/fullbatch_smoke_cifar10 or
+results/fullbatch_smoke_synthetic-cifar10, by the data set used):
     <model=..._lr=..._smoothing=..._trial=...-hash>/{config,metrics,result}.json  one per run
     plots/fig01_fig06_vgg11_lr0.08.{png,pdf}, fig07_vgg11_lr0.04, ... fig11_resnet18_lr0.02
         (Figure 1 is Figure 6: its file carries both numbers)

@@ -14,7 +14,8 @@ about 2.3 minutes; plots/README.md).
 Smoke run (seconds): python small_network.py --smoke  (CIFAR-10 if --data-root holds it, else a
 synthetic stand-in, said on the terminal and in the plot titles)
 
-Writes, under --out (default results/small_network; results/small_network_smoke with --smoke):
+Writes, under --out (default results/small_network; with --smoke
+results/small_network_smoke_cifar10 or results/small_network_smoke_synthetic-cifar10):
     <activation=..._scale=..._trial=...-hash>/{config,metrics,result}.json   one per run
     plots/fig30_relu.{png,pdf}, plots/fig31_tanh.{png,pdf}     mean +- std over trials
 

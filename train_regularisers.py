@@ -35,8 +35,9 @@ points, the baseline shared by four sweeps counted once) x 2 initial learning ra
 Smoke run (seconds): python train_regularisers.py --smoke  (the data sets present under --data-root, else a
 synthetic stand-in of CIFAR-10, said on the terminal and in the plot titles)
 
-Writes, under --out (default results/train_regularisers; results/train_regularisers_smoke
-with --smoke):
+Writes, under --out (default results/train_regularisers; with --smoke
+results/train_regularisers_smoke_<data sets>, e.g. ..._smoke_cifar10 or
+..._smoke_synthetic-cifar10):
     <dataset=..._model=..._batch_norm=..._lr=..._<regularisers>_trial=...-hash>/{config,metrics,result}.json
         metrics: per epoch the mean batch loss, the learning rate and the weight norm
     plots/fig20..27_<dataset>_<model>_<bn|no-bn>.{png,pdf}  a row per sweep, a column per metric,

@@ -24,7 +24,8 @@ plots/README.md.
 Smoke run (seconds): python vgg_sgd.py --smoke  (CIFAR-10 if --data-root holds it, else a
 synthetic stand-in, said on the terminal and in the plot titles)
 
-Writes, under --out (default results/vgg_sgd):
+Writes, under --out (default results/vgg_sgd; with --smoke results/vgg_sgd_smoke_cifar10 or
+results/vgg_sgd_smoke_synthetic-cifar10, by the data set used):
     <smoothing=..._trial=...-hash>/{config,metrics,result}.json (checkpoint.pt while running;
     a killed run continues from it when the same command is rerun)
     plots/fig28_first_epoch.{png,pdf}, plots/fig29_all_epochs.{png,pdf} (the latter only when

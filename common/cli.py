@@ -169,17 +169,29 @@ def parse_with_smoke(parser, argv, smoke):
 
     A `dataset` / `datasets` smoke setting of "present" means: the real data sets found under
     --data-root (cifar10 first), else the synthetic stand-in of CIFAR-10 (or, with --download,
-    CIFAR-10 downloaded), said on the terminal.
+    CIFAR-10 downloaded), said on the terminal. Where the script reads a data set, the smoke
+    `out` folder is named for the data sets used (`results/fullbatch_smoke_cifar10`,
+    `..._smoke_synthetic-cifar10`), so real and synthetic smoke runs never share a folder;
+    an explicit --out is kept as given.
     """
     args = parser.parse_args(argv)
     if args.smoke:
-        parser.set_defaults(**smoke)
+        parser.set_defaults(**dict(smoke, out=None) if "out" in smoke else smoke)
         args = parser.parse_args(argv)
         for name in ("dataset", "datasets"):
             if getattr(args, name, None) in ("present", ["present"]):
                 present = smoke_datasets(args.data_root, args.download)
                 setattr(args, name, present[0] if name == "dataset" else present)
+        if "out" in smoke and args.out is None:
+            args.out = smoke_out(smoke["out"], args)
     return args
+
+
+def smoke_out(out, args):
+    """The smoke run's results folder: `out`, suffixed with the data sets the run reads."""
+    datasets = getattr(args, "datasets", None) or [getattr(args, "dataset", None)]
+    datasets = [d for d in datasets if d]
+    return f"{out}_{'-'.join(datasets)}" if datasets else out
 
 
 def smoke_datasets(root, download=False):
