@@ -97,6 +97,7 @@ def parse_args(argv=None):
     parser.add_argument("--pretrain-points", type=int, default=128,
                         help="points of sin(6 pi x) the high-frequency ReLU init is pretrained on")
     parser.add_argument("--log-every", type=int, default=100, help="epochs between loss records")
+    common.add_plot_from_flag(parser)
     smoke = dict(out="results/coordinate_network_smoke", trials=2, hidden_width=16,
                  gaussian_epochs=100,
                  relu_epochs=150, pretrain_steps=100, log_every=50)
@@ -393,6 +394,7 @@ def plot_fits(runs, stem, subtitle=None):
 
 
 def main(args):
+    common.unpack_plot_from(args)
     configs = run_configs(args)
     if not args.plot_only:
         device = common.resolve_device(args.device)

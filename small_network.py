@@ -70,6 +70,7 @@ def parse_args(argv=None):
                         help="training images (fixed random subset) used for sharpness and Jacobian")
     parser.add_argument("--ghost-batch-size", type=int, default=5000,
                         help="examples per ghost batch of the gradient pass (memory; the MLP has no BN)")
+    common.add_plot_from_flag(parser)
     smoke = dict(out="results/small_network_smoke", dataset="present", trials=2, train_first=200,
                  measure_size=100, iterations=6, measure_every=3, hidden_width=32)
     args = common.parse_with_smoke(parser, argv, smoke)
@@ -206,6 +207,7 @@ def plot(args, runs):
 
 
 def main(args):
+    common.unpack_plot_from(args)
     configs = run_configs(args)
     pending = [] if args.plot_only else common.pending_runs(args.out, configs, RUN_KEYS)
     if pending:

@@ -102,6 +102,7 @@ def parse_args(argv=None):
     parser.add_argument("--eig-max-iter", type=int, default=100, help="most Lanczos steps")
     parser.add_argument("--checkpoint-seconds", type=common.finite_float, default=300.0,
                         help="least time between checkpoints (taken at measurements)")
+    common.add_plot_from_flag(parser)
     # --smoke: tiny sizes on synthetic data, in their own folder; options given explicitly win
     smoke = dict(out="results/vgg_sgd_smoke", dataset="present", width=0.0625,
                  train_size=64, batch_size=16, epochs=3, measure_every=2, measure_size=16,
@@ -328,6 +329,7 @@ def plot(args, runs):
 
 
 def main(args):
+    common.unpack_plot_from(args)
     configs = run_configs(args)
     pending = [] if args.plot_only else common.pending_runs(args.out, configs, RUN_KEYS)
     if pending:

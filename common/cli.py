@@ -254,7 +254,7 @@ def check_common(args, *, dataset=None):
     check_writable(args.out)
     check(args.device != "cuda" or torch.cuda.is_available(), "--device cuda: CUDA is not available")
     _runs.RESTART_DAMAGED = getattr(args, "restart", False)
-    if dataset is not None and not args.plot_only:
+    if dataset is not None and not (args.plot_only or getattr(args, "plot_from", None)):
         check(dataset in DATASETS, f"unknown data set {dataset!r}")
         path = dataset_path(dataset, args.data_root)
         if not is_synthetic(dataset) and not args.download:

@@ -74,12 +74,14 @@ def wrapped(label, width=20):
 
 def labelled_handles(axes):
     """The legend entries of `axes` (an iterable of Axes): each labelled artist, one per
-    label, in order of appearance."""
+    label, in order of appearance, the marks (a trial ends, not converged) after the rest."""
     seen = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(label, handle)
-    return list(seen.values())
+    marks = (TRIAL_END_LABEL, UNCONVERGED_LABEL)
+    return ([h for label, h in seen.items() if label not in marks]
+            + [h for label, h in seen.items() if label in marks])
 
 
 def legend_below(fig, *groups, fontsize="small"):
@@ -116,12 +118,12 @@ def legend_below(fig, *groups, fontsize="small"):
 
 def log_tick_labels(ax, which="xy"):
     """Labels on ax's log axes (of `which`: "x", "y" or "xy") that neither crowd nor vanish:
-    at the powers of ten where the view holds two or more of them, else at 1, 2 and 5 times
-    them, and where fewer than two of those are in view, at three or four plain numbers
-    ("2.5"); minor ticks unlabelled. Call it once the panel's data are drawn (it reads the
-    view)."""
-    from matplotlib.ticker import (FuncFormatter, LogFormatterSciNotation, LogLocator,
-                                   MaxNLocator, NullFormatter)
+    at the powers of ten where the view holds two or more of them; else plain numbers at 1, 2
+    and 5 times them ("0.2", "0.5", "1"), or, where fewer than two of those are in view, at
+    three or four places ("2.5"). Minor ticks unlabelled. Call it once the panel's data are
+    drawn (it reads the view)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
     for axis, limits in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
         lo, hi = sorted(limits)
         if axis.axis_name not in which or axis.get_scale() != "log" or lo <= 0:
@@ -129,12 +131,10 @@ def log_tick_labels(ax, which="xy"):
         powers = math.floor(math.log10(hi)) - math.ceil(math.log10(lo)) + 1  # in the view
         decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
         nice = sum(lo <= m * 10.0 ** d <= hi for d in decades for m in (1, 2, 5))
-        if powers < 2 and nice >= 2:
-            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-            axis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
-        elif powers < 2:
-            axis.set_major_locator(MaxNLocator(nbins=3))
-            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+        if powers < 2:
+            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)) if nice >= 2
+                                   else MaxNLocator(nbins=3))
+            axis.set_major_formatter(plain)
         axis.set_minor_formatter(NullFormatter())
 
 

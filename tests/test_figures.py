@@ -55,3 +55,38 @@ def test_figure_files_carry_every_paper_figure_number_they_show():
     assert prefix(23, train_regularisers.PAPER_SWEEPS) == "fig02_fig05_fig23_"
     assert prefix(23, ["sam"]) == "fig05_fig23_" and prefix(23, ["weight_decay"]) == "fig02_fig23_"
     assert prefix(23, ["jacobian"]) == "fig23_" and prefix(21, ["weight_decay"]) == "fig21_"
+
+
+# Committed figures the issue named, redrawn from their committed runs with the flags of the
+# commands in plots/README.md (the data are not read: --plot-from only plots).
+REDRAWN = {
+    "fullbatch": ["--trials", "3", "--train-size", "250", "--ghost-batch-size", "125",
+                  "--measure-size", "125", "--measure-every", "10", "--eig-tol", "1e-2",
+                  "--max-iterations", "1500", "--models", "vgg11", "--width", "0.125",
+                  "--lrs", "0.08", "--bn-check-batch-sizes", "8", "32", "125",
+                  "--plot-from", "plots/fullbatch/fig01_fig06_figA1_runs.json"],
+    "vgg_sgd": ["--epochs", "1", "--width", "0.125", "--measure-every", "20",
+                "--measure-size", "250", "--eig-tol", "1e-2", "--trials", "3",
+                "--plot-from", "plots/vgg_sgd/fig28_runs.json"],
+    "train_regularisers": [
+        "--datasets", "cifar10", "--models", "vgg11", "--batch-norm", "with", "--lrs", "0.1",
+        "0.05", "--trials", "3", "--epochs", "12", "--milestones", "7", "10",
+        "--weight-decays", "0", "1e-4", "5e-4", "2e-3", "--smoothings", "0", "0.1", "0.3", "0.6",
+        "--mixup-betas", "0", "0.2", "0.5", "1", "--augment-ps", "0", "0.33", "0.67", "1",
+        "--sam-rhos", "0", "0.02", "0.05", "0.1", "--train-size", "2000", "--test-size", "2000",
+        "--width", "0.125", "--measure-size", "256", "--eig-tol", "1e-3",
+        "--plot-from", "plots/train_regularisers/fig21_runs.json"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", list(REDRAWN))
+def test_committed_figures_redraw_with_their_text_on_the_canvas(script, tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, f"{script}.py", *REDRAWN[script], "--out", str(out),
+                           "--data-root", str(tmp_path / "no-data")], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pngs = sorted((out / "plots").glob("*.png"))
+    assert pngs and all(png_layout_check(p) == "ok" for p in pngs), \
+        {p.name: png_layout_check(p) for p in pngs}
