@@ -123,7 +123,7 @@ def log_tick_labels(ax, which="xy"):
     three or four places ("2.5"). Minor ticks unlabelled. Call it once the panel's data are
     drawn (it reads the view)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
-    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
     for axis, limits in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
         lo, hi = sorted(limits)
         if axis.axis_name not in which or axis.get_scale() != "log" or lo <= 0:
