@@ -740,7 +740,8 @@ def plot_thm45(runs, stem):
             ax1.plot(n, t["gap_median"], color=f"C{k}", label=f"trial {run['config']['trial']}")
             ax1.fill_between(n, np.maximum(t["gap_q10"], 1e-12), np.maximum(t["gap_q90"], 1e-12),
                              color=f"C{k}", alpha=0.2)  # log axis: keep a zero gap drawable
-        ax1.set(xscale="log", yscale="log", xlabel="sample size N", ylabel=common.wrapped("sup ||Jf|| - max_N ||Jf(x_i)||"),
+        ax1.set(xscale="log", yscale="log", xlabel="sample size N",
+                ylabel=common.wrapped("sup ||Jf|| - max_N ||Jf(x_i)||"),
                 title=f"{task} / {dist}: Thm 4.5")
         t = mine[0]["result"]["thm45"]
         for k, e in enumerate(t["eq8"]):
@@ -789,7 +790,8 @@ def plot_thm46(summary, stem):
         ax_s.set(xlabel="sharpness", title=f"{name}: tau = {g['tau_gap_sharpness']:.2f} (n={n})")
         lo, hi = ax_b.get_xlim()
         ax_b.plot([lo, hi], [lo, hi], "k:", linewidth=0.8, label="eps = measured gap")
-        ax_b.set(xlabel="|train - test| loss", ylabel=common.wrapped("least eps with Eq. (10) non-vacuous"),
+        ax_b.set(xlabel="|train - test| loss",
+                 ylabel=common.wrapped("least eps with Eq. (10) non-vacuous"),
                  title=f"{name}: vacuous for {g['bound_vacuous']}/{n}")
         for ax in (ax_j, ax_s, ax_b):
             ax.set(xscale="log", yscale="log")

@@ -11,7 +11,7 @@ from matplotlib.legend import Legend
 from matplotlib.text import Text
 
 TOLERANCE_PX = 1.0  # rounding of extents; a text cut by less than a pixel loses nothing
-TEXT_GAP_PT = 2.5  # least gap between two texts, in points ("-1.00-0.75" reads as one number)
+TEXT_GAP_PT = 2.5  # least gap between two tick labels of an axis, in points
 
 
 def drawn(fig, dpi):
@@ -45,30 +45,33 @@ def panel_name(ax, i):
 
 
 def text_items(fig):
-    """(name, artist, panel index or None) for every text the figure draws and every legend:
-    figure texts (suptitle included) and legends, then per panel its titles, axis labels,
-    offset texts ("1e-5", "+3.1e1"), tick labels, annotations and legends."""
-    items = [(f"figure text {t.get_text()!r}", t, None) for t in fig.texts if _shown(t)]
-    items += [("figure legend", legend, None) for legend in fig.legends if legend.get_visible()]
+    """(name, artist, panel index or None, row) for every text the figure draws and every
+    legend: figure texts (suptitle included) and legends, then per panel its titles, axis
+    labels, offset texts ("1e-5", "+3.1e1"), tick labels, annotations and legends. `row` is
+    ("x" or "y", panel index) for a tick label, the row of labels it stands in, else None."""
+    items = [(f"figure text {t.get_text()!r}", t, None, None) for t in fig.texts if _shown(t)]
+    items += [("figure legend", legend, None, None) for legend in fig.legends
+              if legend.get_visible()]
     for i, ax in enumerate(fig.axes):
         if not ax.get_visible():
             continue
         where = panel_name(ax, i)
         for child in ax.get_children():
             if _shown(child):
-                items.append((f"text {child.get_text()!r} of {where}", child, i))
+                items.append((f"text {child.get_text()!r} of {where}", child, i, None))
             elif isinstance(child, Legend) and child.get_visible():
-                items.append((f"legend of {where}", child, i))
+                items.append((f"legend of {where}", child, i, None))
         if not ax.axison:
             continue
         for axis in (ax.xaxis, ax.yaxis):
             name = axis.axis_name
             if _shown(axis.label):
-                items.append((f"{name} label {axis.label.get_text()!r} of {where}", axis.label, i))
+                items.append((f"{name} label {axis.label.get_text()!r} of {where}", axis.label,
+                              i, None))
             if _shown(axis.offsetText):
                 items.append((f"{name} offset text {axis.offsetText.get_text()!r} of {where}",
-                              axis.offsetText, i))
-            items += [(f"{name} tick label {t.get_text()!r} of {where}", t, i)
+                              axis.offsetText, i, None))
+            items += [(f"{name} tick label {t.get_text()!r} of {where}", t, i, (name, i))
                       for t in _tick_labels(axis)]
     return items
 
@@ -100,17 +103,17 @@ def layout_problems(fig, dpi=150):
       its plotting area included), reaching beyond the canvas (by more than TOLERANCE_PX);
     - a legend over a panel's plotting area (it may cover data: legends go beside the panels);
     - a text over another panel's plotting area (a figure text: over any panel's);
-    - two texts or legends over each other or closer than TEXT_GAP_PT (tick labels, labels,
-      offset texts, titles);
+    - two texts or legends over each other (tick labels, labels, offset texts, titles), or
+      two tick labels of one axis closer than TEXT_GAP_PT;
     - an additive axis offset (see `additive_offset`);
     - an axis without a single tick label (no scale to read the panel by).
     Leaves the checked draw's pixels in fig.canvas (`save_figure` writes them)."""
     renderer = drawn(fig, dpi)
-    items = [(name, artist, owner, artist.get_window_extent(renderer))
-             for name, artist, owner in text_items(fig)]
+    items = [(name, artist, owner, row, artist.get_window_extent(renderer))
+             for name, artist, owner, row in text_items(fig)]
     panels = [(i, ax) for i, ax in enumerate(fig.axes) if ax.get_visible() and ax.axison]
     problems = []
-    for name, artist, owner, box in items:
+    for name, artist, owner, _, box in items:
         problems += [f"{name}: {d:.0f} px beyond the canvas's {side} edge"
                      for side, d in _outside(box, fig.bbox.width, fig.bbox.height).items()]
         problems += [f"{name} overlaps the plotting area of {panel_name(ax, i)}"
@@ -125,13 +128,20 @@ def layout_problems(fig, dpi=150):
     problems += [f"{axis.axis_name} axis of {panel_name(ax, i)}: no tick label"
                  for i, ax in panels for axis in (ax.xaxis, ax.yaxis)
                  if axis.get_visible() and not _tick_labels(axis)]
-    return problems + _crowded([(name, box) for name, _, _, box in items], dpi)
+    return problems + _crowded([(name, row, box) for name, _, _, row, box in items], dpi)
 
 
 def _crowded(boxes, dpi):
-    """A line for each pair of (name, display box) closer than TEXT_GAP_PT."""
-    pad = TEXT_GAP_PT * dpi / 72 / 2  # px on each side
-    padded = [(name, box.padded(pad)) for name, box in boxes]
-    return [f"{name} and {other} overlap or all but touch (gap under {TEXT_GAP_PT:g} pt)"
-            for k, (name, box) in enumerate(padded) for other, box2 in padded[k + 1:]
-            if _overlap(box, box2) > 0]
+    """A line for each pair of (name, row, display box) over each other, or in the same row of
+    tick labels and closer than TEXT_GAP_PT ("-1.00-0.75" reads as one number)."""
+    gap = TEXT_GAP_PT * dpi / 72  # px
+    problems = []
+    for k, (name, row, box) in enumerate(boxes):
+        for other, row2, box2 in boxes[k + 1:]:
+            if row is not None and row == row2:
+                if _overlap(box.padded(gap / 2), box2.padded(gap / 2)) > 0:
+                    problems.append(f"{name} and {other} all but touch (gap under "
+                                    f"{TEXT_GAP_PT:g} pt)")
+            elif _overlap(box, box2) > TOLERANCE_PX ** 2:
+                problems.append(f"{name} and {other} overlap")
+    return problems

@@ -138,24 +138,25 @@ def log_tick_labels(ax, which="xy"):
         axis.set_minor_formatter(NullFormatter())
 
 
-MIN_RELATIVE_SPAN = 1e-3  # a linear y range narrower than this (relative) is widened to it
+MIN_RELATIVE_SPAN = 1e-3  # a linear y data range narrower than this (relative) is widened to it
 
 
 def plain_ticks(ax):
     """Tick labels without an additive offset ("1e-5+3.09e1": each label would then be read
-    against another number): ScalarFormatter axes lose the offset, and a linear y range that
-    is nearly constant is widened to MIN_RELATIVE_SPAN of its level, so the labels stay short
-    and the curve shows as flat."""
+    against another number): ScalarFormatter axes lose the offset, and a linear y data range
+    that is nearly constant is widened to MIN_RELATIVE_SPAN of its level (autoscaling stays on
+    for what is drawn later), so the labels stay short and the curve shows as flat."""
     from matplotlib.ticker import ScalarFormatter
     for axis in (ax.xaxis, ax.yaxis):
         if isinstance(axis.get_major_formatter(), ScalarFormatter):
             axis.get_major_formatter().set_useOffset(False)
-    if ax.get_yscale() == "linear":
-        lo, hi = ax.get_ylim()
-        level = max(abs(lo), abs(hi))
-        if 0 < hi - lo < MIN_RELATIVE_SPAN * level:
-            middle = (lo + hi) / 2
-            ax.set_ylim(middle - MIN_RELATIVE_SPAN * level / 2, middle + MIN_RELATIVE_SPAN * level / 2)
+    lo, hi = ax.dataLim.y0, ax.dataLim.y1
+    level = max(abs(lo), abs(hi))
+    if ax.get_yscale() == "linear" and np.isfinite(level) and hi - lo < MIN_RELATIVE_SPAN * level:
+        middle, half = (lo + hi) / 2, MIN_RELATIVE_SPAN * level / 2
+        x = ax.dataLim.x0
+        ax.update_datalim([(x, middle - half), (x, middle + half)], updatex=False)
+        ax.autoscale_view()
 
 
 SETTINGS_KEY = "Settings-hash"  # PNG text chunk naming the settings a figure shows
@@ -213,7 +214,8 @@ def save_figure(fig, stem, dpi=150, settings=None):
     problems = layout_problems(fig, dpi)
     for problem in problems:
         print(f"{stem}.png: layout: {problem}", file=sys.stderr)
-    metadata = {LAYOUT_KEY: "; ".join(problems) or "ok", **({SETTINGS_KEY: digest} if digest else {})}
+    metadata = {LAYOUT_KEY: "; ".join(problems) or "ok",
+                **({SETTINGS_KEY: digest} if digest else {})}
     png, pdf = Path(f"{stem}.png"), Path(f"{stem}.pdf")
     pixels = fig.canvas.buffer_rgba()  # (H, W, 4), the checked draw
     atomic_write(png, lambda f: imsave(f, pixels, format="png", origin="upper", dpi=dpi,
