@@ -26,14 +26,17 @@ batches need far more iterations than that).
 Smoke run (seconds): python batch_lr.py --smoke  (the data sets present under --data-root, else a
 synthetic stand-in of CIFAR-10, said on the terminal and in the plot titles)
 
-Writes, under --out (default results/batch_lr; results/batch_lr_smoke with --smoke):
+Writes, under --out (default results/batch_lr; with --smoke results/batch_lr_smoke_<data sets>,
+e.g. results/batch_lr_smoke_cifar10 or results/batch_lr_smoke_synthetic-cifar10):
     <model=..._dataset=..._lr=..._batch_size=..._trial=...-hash>/{config,metrics,result}.json
     plots/fig12..15_<model>_<dataset>_vs_lr.{png,pdf}      metric vs lr, line style per batch
     plots/fig16..19_<model>_<dataset>_vs_batch.{png,pdf}   metric vs batch, line style per lr
+        (ResNet18 on CIFAR-10: fig03_fig12_..._vs_lr, fig04_fig16_..._vs_batch)
     plots/correlations.json    Kendall tau(gap, Jacobian norm), tau(gap, sharpness),
                                tau(gap, Gauss-Newton norm), tau(gap, Lip of the Jacobian)
                                per sweep
-Figure 3 is the ResNet18/CIFAR-10 vs-lr figure (fig12), Figure 4 its vs-batch one (fig16).
+Figure 3 is the ResNet18/CIFAR-10 vs-lr figure (fig12), Figure 4 its vs-batch one (fig16): their
+files carry both numbers.
 
 Choices where the paper is silent (a careful reading, not the authors' code):
 - "SGD" is read as plain SGD (momentum 0; --momentum to change), one random permutation per
@@ -64,19 +67,27 @@ PAPER_TARGETS = {"cifar10": 0.01, "cifar100": 0.02}  # stopping loss per data se
 # Figure numbers of the paper, by (model, data set) and x axis.
 FIGURES = {("resnet18", "cifar10"): 12, ("resnet18", "cifar100"): 13,
            ("vgg11", "cifar10"): 14, ("vgg11", "cifar100"): 15}
+MAIN_FIGURES = {12: 3, 16: 4}  # appendix figure -> the main-text figure that shows it
 METRIC_LABELS = {"gap": "generalisation gap", "jacobian": "Jacobian norm (softmax)",
                  "sharpness": "sharpness", "train_loss": "training loss",
                  "test_accuracy": "test accuracy", "iterations": "iterations",
                  "jacobian_lipschitz": "Lip(Jacobian) lower estimate"}
 CORRELATED = ("jacobian", "sharpness", "gauss_newton", "jacobian_lipschitz")  # Kendall tau(gap, each)
 RUN_KEYS = ("model", "dataset", "lr", "batch_size", "trial")
+FIGURE_FLAGS = """\
+Figures (files under <--out>/plots; the defaults give all eight, --plot-only redraws):
+  Figure 3 / 12 (vs lr), Figure 4 / 16 (vs batch)   --models resnet18 --datasets cifar10
+  Figures 13, 17                                    --models resnet18 --datasets cifar100
+  Figures 14, 18                                    --models vgg11 --datasets cifar10
+  Figures 15, 19                                    --models vgg11 --datasets cifar100
+  e.g. fig03_fig12_resnet18_cifar10_vs_lr.png, fig04_fig16_resnet18_cifar10_vs_batch.png"""
 
 
 # ----------------------------------------------------------------------------- arguments
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(__doc__, trials=5, out="results/batch_lr")
+    parser = common.make_parser(__doc__, trials=5, out="results/batch_lr", figures=FIGURE_FLAGS)
     parser.add_argument("--models", nargs="+", default=["resnet18", "vgg11"],
                         choices=list(common.MODELS))
     parser.add_argument("--datasets", nargs="+", default=["cifar10", "cifar100"],
@@ -279,11 +290,18 @@ def plot(args, runs):
                 title = (f"{model}, {common.dataset_label(dataset)}, "
                          f"{common.scale_label(args, reduced)}")
                 fig = sweep_figure(mine, x_key, style_key, title, correlations[name])
-                stem = f"fig{number + offset}_{name}_{suffix}" if number else f"{name}_{suffix}"
+                prefix = figure_prefix(number + offset) if number else ""
+                stem = f"{prefix}{name}_{suffix}"
                 paths += common.save_figure(fig, f"{args.out}/plots/{stem}",
                                             settings=[r["config"] for r in mine])
     common.save_json(f"{args.out}/plots/correlations.json", correlations)
     return paths, correlations
+
+
+def figure_prefix(number):
+    """"figNN_" for appendix figure NN, led by the main-text figure showing it: "fig03_fig12_"."""
+    main = MAIN_FIGURES.get(number)
+    return (f"fig{main:02d}_" if main else "") + f"fig{number}_"
 
 
 def sweep_figure(runs, x_key, style_key, title, correlation):
@@ -293,10 +311,9 @@ def sweep_figure(runs, x_key, style_key, title, correlation):
     for ax, (metric, label) in zip(axes.flat, METRIC_LABELS.items()):
         common.plot_sweep(ax, runs, x_key, style_key, metric, style_label=labels[style_key],
                           log_x=True, log_y=metric in ("sharpness", "iterations",
-                                                       "jacobian_lipschitz"))
-        ax.set_xlabel(labels[x_key])
-        ax.set_ylabel(label)
-    axes[0, 0].legend(fontsize="x-small")
+                                                       "jacobian_lipschitz"),
+                          xlabel=labels[x_key], ylabel=label)
+    common.legend_below(fig, common.labelled_handles(fig.axes))
     trials = len({r["config"]["trial"] for r in runs})
     within = ", ".join(f"{lr}: {w['tau_gap_jacobian']:.2f} / {w['tau_gap_sharpness']:.2f}"
                        for lr, w in correlation["per_lr"].items())

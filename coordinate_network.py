@@ -62,13 +62,19 @@ EPOCHS = {"gaussian": 10_000, "relu": 100_000}
 QUANTITIES = {"jacobian": "Jacobian norm", "sharpness": "sharpness",
               "first_layer_norm": "First layer weight norm", "loss": "final training loss"}
 RUN_KEYS = ("activation", "init")
+FIGURE_FLAGS = """\
+Figure and tables (files under <--out>/plots; the defaults give all, --plot-only redraws):
+  Figure 32   the defaults (a panel per activation)    fig32_fits.png
+  Table 1     --activations gaussian                   tables.md, tables.csv
+  Table 2     --activations relu                       tables.md, tables.csv"""
 
 
 # ----------------------------------------------------------------------------- arguments
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(__doc__, trials=10, out="results/coordinate_network")
+    parser = common.make_parser(__doc__, trials=10, out="results/coordinate_network",
+                                figures=FIGURE_FLAGS)
     parser.add_argument("--activations", nargs="+", default=["gaussian", "relu"],
                         help="MLP activations (a table each)",
                         choices=["gaussian", "relu"])
@@ -91,6 +97,7 @@ def parse_args(argv=None):
     parser.add_argument("--pretrain-points", type=int, default=128,
                         help="points of sin(6 pi x) the high-frequency ReLU init is pretrained on")
     parser.add_argument("--log-every", type=int, default=100, help="epochs between loss records")
+    common.add_plot_from_flag(parser)
     smoke = dict(out="results/coordinate_network_smoke", trials=2, hidden_width=16,
                  gaussian_epochs=100,
                  relu_epochs=150, pretrain_steps=100, log_every=50)
@@ -375,8 +382,9 @@ def plot_fits(runs, stem, subtitle=None):
         ax.set_xlabel("x")
         ax.set_ylabel("network output f(x)")
         ax.set_ylim(-2.5, 2.5)
+        ax.set_xticks(np.linspace(-1, 1, 5))  # the default 9 ticks' labels run together
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small", loc="lower right")
+    common.legend_below(fig, common.labelled_handles(fig.axes))
     if subtitle:
         fig.suptitle(subtitle)
     return common.save_figure(fig, stem, settings=[r["config"] for r in runs])
@@ -386,6 +394,7 @@ def plot_fits(runs, stem, subtitle=None):
 
 
 def main(args):
+    common.unpack_plot_from(args)
     configs = run_configs(args)
     if not args.plot_only:
         device = common.resolve_device(args.device)

@@ -32,9 +32,11 @@ Data-parallel on K GPUs (or CPU processes):
     each step's ghost batches (and the measurements' ghost batches and Jacobian inputs) are
     split across the ranks; rank 0 writes; results as in one process up to float rounding.
 
-Writes, under --out (default results/fullbatch):
+Writes, under --out (default results/fullbatch; with --smoke results/fullbatch_smoke_cifar10 or
+results/fullbatch_smoke_synthetic-cifar10, by the data set used):
     <model=..._lr=..._smoothing=..._trial=...-hash>/{config,metrics,result}.json  one per run
-    plots/fig06_vgg11_lr0.08.{png,pdf} ... fig11_resnet18_lr0.02  (Figure 1 = Figure 6)
+    plots/fig01_fig06_vgg11_lr0.08.{png,pdf}, fig07_vgg11_lr0.04, ... fig11_resnet18_lr0.02
+        (Figure 1 is Figure 6: its file carries both numbers)
 
 Choices where the paper is silent (a careful reading, not the authors' code):
 - Iteration t's loss and accuracy are those of the parameters after t updates, measured (in
@@ -62,19 +64,28 @@ import torch
 
 import common
 
-PAPER_FIGURES = {("vgg11", 0.08): "fig06", ("vgg11", 0.04): "fig07", ("vgg11", 0.02): "fig08",
+PAPER_FIGURES = {("vgg11", 0.08): "fig01_fig06", ("vgg11", 0.04): "fig07", ("vgg11", 0.02): "fig08",
                  ("resnet18", 0.08): "fig09", ("resnet18", 0.04): "fig10",
                  ("resnet18", 0.02): "fig11"}
 METRIC_LABELS = {"loss": "cross entropy - label entropy", "sharpness": "sharpness",
                  "jacobian": "Jacobian norm (softmax)"}
 RUN_KEYS = ("model", "lr", "smoothing", "trial")
+FIGURE_FLAGS = """\
+Figures (files under <--out>/plots; the defaults give all six, --plot-only redraws):
+  Figure 1 / 6   --models vgg11 --lrs 0.08       fig01_fig06_vgg11_lr0.08.png
+  Figure 7       --models vgg11 --lrs 0.04       fig07_vgg11_lr0.04.png
+  Figure 8       --models vgg11 --lrs 0.02       fig08_vgg11_lr0.02.png
+  Figure 9       --models resnet18 --lrs 0.08    fig09_resnet18_lr0.08.png
+  Figure 10      --models resnet18 --lrs 0.04    fig10_resnet18_lr0.04.png
+  Figure 11      --models resnet18 --lrs 0.02    fig11_resnet18_lr0.02.png
+  Theorem A.1    add --bn-check-batch-sizes 8 32 125 to any of these: figA1_bn_modes.png"""
 
 
 # ----------------------------------------------------------------------------- arguments
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(__doc__, trials=5, out="results/fullbatch")
+    parser = common.make_parser(__doc__, trials=5, out="results/fullbatch", figures=FIGURE_FLAGS)
     parser.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS))
     parser.add_argument("--models", nargs="+", default=["vgg11", "resnet18"],
                         choices=list(common.MODELS))
@@ -351,12 +362,14 @@ def plot(args, runs):
             scale = f", width {args.width:g}, {args.train_size or 50000} images" if reduced else ""
             fig, panels = common.plot_runs(mine, list(METRIC_LABELS), "smoothing",
                                            labels=METRIC_LABELS, style_label="smoothing",
-                                           log_metrics=("jacobian",),
+                                           log_metrics=("jacobian",), legend=False,
                                            title=f"{model}, full-batch GD, lr {lr:g}{scale}: "
                                                  f"mean ± std over {trials} trials\n"
                                                  f"{common.dataset_label(args.dataset)}, "
                                                  f"{common.scale_label(args, reduced)}")
-            common.plot_step_curvatures(panels["sharpness"], mine, "smoothing", two_over_lr=2 / lr)
+            marks = common.plot_step_curvatures(panels["sharpness"], mine, "smoothing",
+                                                two_over_lr=2 / lr)
+            common.legend_below(fig, common.labelled_handles(panels.values()) + marks)
             stem = f"{PAPER_FIGURES.get((model, lr), 'fig')}_{model}_lr{lr:g}"
             paths += common.save_figure(fig, f"{args.out}/plots/{stem}",
                                         settings=[r["config"] for r in mine])
@@ -391,7 +404,7 @@ def bn_modes_figure(runs):
         ax.set_ylabel("relative difference")
         ax.set_title(title, fontsize="small")
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize="x-small")
+    common.legend_below(fig, common.labelled_handles(axes[0]), fontsize="x-small")
     c = runs[0]["config"]
     lrs = ", ".join(f"{lr:g}" for lr in sorted({r["config"]["lr"] for r in runs}))
     scale = (f"{c['model']}, width {c['width']:g}, {c['train_size'] or 50000} training images, "
@@ -402,6 +415,21 @@ def bn_modes_figure(runs):
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def unreached_lines(args, runs):
+    """What to say of the unsmoothed runs that stopped at --max-iterations short of the target
+    accuracy: their names, and with --smoke that this is expected."""
+    unreached = [common.run_name(r["config"], RUN_KEYS) for r in runs
+                 if r["result"].get("reached_target") is False]
+    if not unreached:
+        return []
+    lines = [f"target accuracy not reached within --max-iterations: {', '.join(unreached)}"]
+    if args.smoke:
+        lines.append(f"(expected at smoke scale: {args.max_iterations} iterations are far too few "
+                     f"to reach {args.target_accuracy:g} training accuracy; a smoke run only "
+                     f"checks that everything runs)")
+    return lines
 
 
 def main(args):
@@ -420,10 +448,8 @@ def main(args):
             return
     runs = common.saved_runs_or_fail(args.out, requested_configs(args), RUN_KEYS)
     common.save_runs_summary(runs, f"{args.out}/plots/runs.json")
-    unreached = [common.run_name(r["config"], RUN_KEYS) for r in runs
-                 if r["result"].get("reached_target") is False]
-    if unreached:
-        print(f"target accuracy not reached within --max-iterations: {', '.join(unreached)}")
+    for line in unreached_lines(args, runs):
+        print(line)
     for path in plot(args, runs):
         print(f"wrote {path}")
 

@@ -14,7 +14,8 @@ about 2.3 minutes; plots/README.md).
 Smoke run (seconds): python small_network.py --smoke  (CIFAR-10 if --data-root holds it, else a
 synthetic stand-in, said on the terminal and in the plot titles)
 
-Writes, under --out (default results/small_network; results/small_network_smoke with --smoke):
+Writes, under --out (default results/small_network; with --smoke
+results/small_network_smoke_cifar10 or results/small_network_smoke_synthetic-cifar10):
     <activation=..._scale=..._trial=...-hash>/{config,metrics,result}.json   one per run
     plots/fig30_relu.{png,pdf}, plots/fig31_tanh.{png,pdf}     mean +- std over trials
 
@@ -38,6 +39,10 @@ import torch
 import common
 
 PAPER_FIGURES = {"relu": "fig30_relu", "tanh": "fig31_tanh"}
+FIGURE_FLAGS = """\
+Figures (files under <--out>/plots; the defaults give both, --plot-only redraws):
+  Figure 30   --activations relu    fig30_relu.png
+  Figure 31   --activations tanh    fig31_tanh.png"""
 METRIC_LABELS = {"loss": "training loss", "accuracy": "training accuracy", "sharpness": "sharpness",
                  "jacobian": "Jacobian norm (softmax)", "feature_norm": "last features' spectral norm"}
 
@@ -46,7 +51,8 @@ METRIC_LABELS = {"loss": "training loss", "accuracy": "training accuracy", "shar
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(__doc__, trials=5, out="results/small_network")
+    parser = common.make_parser(__doc__, trials=5, out="results/small_network",
+                                figures=FIGURE_FLAGS)
     parser.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS))
     parser.add_argument("--activations", nargs="+", default=["relu", "tanh"], help="a figure each",
                         choices=list(common.ACTIVATIONS))
@@ -64,6 +70,7 @@ def parse_args(argv=None):
                         help="training images (fixed random subset) used for sharpness and Jacobian")
     parser.add_argument("--ghost-batch-size", type=int, default=5000,
                         help="examples per ghost batch of the gradient pass (memory; the MLP has no BN)")
+    common.add_plot_from_flag(parser)
     smoke = dict(out="results/small_network_smoke", dataset="present", trials=2, train_first=200,
                  measure_size=100, iterations=6, measure_every=3, hidden_width=32)
     args = common.parse_with_smoke(parser, argv, smoke)
@@ -200,6 +207,7 @@ def plot(args, runs):
 
 
 def main(args):
+    common.unpack_plot_from(args)
     configs = run_configs(args)
     pending = [] if args.plot_only else common.pending_runs(args.out, configs, RUN_KEYS)
     if pending:

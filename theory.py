@@ -78,11 +78,20 @@ DATA_KEYS = ("kind", "distribution")
 VARIANT_COLORS = {"base": "k", "smoothing": "C0", "weight_decay": "C1", "width": "C2", "steps": "C3"}
 
 
+FIGURE_FLAGS = """\
+Figures (not the paper's: it has no experiment for Section 4; files under <--out>/plots):
+  Theorem 4.5   the defaults (--thm45 base or all)    thm45.png
+  Theorem 4.6   the defaults                          thm46.png (alone, from a saved summary:
+                                                      --plot-summary theory_summary.json)
+  Ansatz 3.1    the defaults                          ansatz.png"""
+
+
 # ----------------------------------------------------------------------------- arguments
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(__doc__, trials=4, out="results/theory", gradient_check=False)
+    parser = common.make_parser(__doc__, trials=4, out="results/theory", gradient_check=False,
+                                figures=FIGURE_FLAGS)
     a = parser.add_argument
     a("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="target types")
     a("--distributions", nargs="+", default=list(DISTRIBUTIONS), choices=DISTRIBUTIONS,
@@ -731,7 +740,8 @@ def plot_thm45(runs, stem):
             ax1.plot(n, t["gap_median"], color=f"C{k}", label=f"trial {run['config']['trial']}")
             ax1.fill_between(n, np.maximum(t["gap_q10"], 1e-12), np.maximum(t["gap_q90"], 1e-12),
                              color=f"C{k}", alpha=0.2)  # log axis: keep a zero gap drawable
-        ax1.set(xscale="log", yscale="log", xlabel="sample size N", ylabel="sup ||Jf|| - max_N ||Jf(x_i)||",
+        ax1.set(xscale="log", yscale="log", xlabel="sample size N",
+                ylabel=common.wrapped("sup ||Jf|| - max_N ||Jf(x_i)||"),
                 title=f"{task} / {dist}: Thm 4.5")
         t = mine[0]["result"]["thm45"]
         for k, e in enumerate(t["eq8"]):
@@ -743,10 +753,11 @@ def plot_thm45(runs, stem):
         ax2.plot([], [], "k:", label="RHS, h = ball mass")
         ax2.set(xscale="log", xlabel="sample size N", ylabel="P[max_N <= sup - eps]", ylim=(-0.03, 1.03),
                 title=f"Eq. (8), trial {mine[0]['config']['trial']}")
-        ax1.legend(fontsize="x-small")
-        ax2.legend(fontsize="x-small")
         for ax in (ax1, ax2):
+            common.log_tick_labels(ax)
             ax.grid(alpha=0.3)
+    common.legend_below(fig, common.labelled_handles(axes[:, 0]),
+                        common.labelled_handles(axes[:, 1]), fontsize="x-small")
     return common.save_figure(fig, stem, dpi=150)
 
 
@@ -755,7 +766,6 @@ def plot_thm46(summary, stem):
     Jacobian norm (classification: also the logit Jacobian the bound uses, hollow), against
     sharpness, and the eps at which Eq. (10) stops being vacuous against the measured gap;
     coloured by the factor the run varies."""
-    from matplotlib.ticker import NullFormatter
     groups = summary["groups"]
     fig, axes = common.new_figure(len(groups), 3, panel_size=(4.3, 3.0))
     for g, (ax_j, ax_s, ax_b) in zip(groups, axes):
@@ -765,7 +775,8 @@ def plot_thm46(summary, stem):
             if not mine:
                 continue
             gap = [r["gap"] for r in mine]
-            ax_j.scatter([r["jacobian"] for r in mine], gap, color=color, s=14, label=variant)
+            ax_j.scatter([r["jacobian"] for r in mine], gap, color=color, s=14,
+                         label=f"run varies: {variant}")
             if softmax:
                 ax_j.scatter([r["max_jf_train"] for r in mine], gap, facecolors="none", edgecolors=color, s=14)
             ax_s.scatter([r["sharpness"] for r in mine], gap, color=color, s=14)
@@ -779,17 +790,17 @@ def plot_thm46(summary, stem):
         ax_s.set(xlabel="sharpness", title=f"{name}: tau = {g['tau_gap_sharpness']:.2f} (n={n})")
         lo, hi = ax_b.get_xlim()
         ax_b.plot([lo, hi], [lo, hi], "k:", linewidth=0.8, label="eps = measured gap")
-        ax_b.set(xlabel="|train - test| loss", ylabel="least eps with Eq. (10) non-vacuous",
+        ax_b.set(xlabel="|train - test| loss",
+                 ylabel=common.wrapped("least eps with Eq. (10) non-vacuous"),
                  title=f"{name}: vacuous for {g['bound_vacuous']}/{n}")
         for ax in (ax_j, ax_s, ax_b):
             ax.set(xscale="log", yscale="log")
-            ax.xaxis.set_minor_formatter(NullFormatter())  # the log axis' minor labels overlap
+            common.log_tick_labels(ax)
             ax.title.set_fontsize("medium")
             ax.grid(alpha=0.3)
         for ax in (ax_j, ax_s):
             ax.set_ylabel("|train - test| loss")
-        ax_j.legend(fontsize="x-small")
-        ax_b.legend(fontsize="x-small")
+    common.legend_below(fig, common.labelled_handles(axes.flat), fontsize="x-small")
     return common.save_figure(fig, stem, dpi=150)
 
 
@@ -804,15 +815,16 @@ def plot_ansatz(runs, summary, stem):
             _, j = common.metric_series(r, "jacobian")
             ax1.plot(j, s, "-", color=VARIANT_COLORS[r["config"]["variant"]], alpha=0.5, linewidth=0.8, marker=".")
         for variant, color in VARIANT_COLORS.items():  # the colour legend: the factor each run varies
-            ax1.plot([], [], "-", color=color, marker=".", label=variant)
-        ax1.legend(fontsize="x-small", title="run varies", title_fontsize="x-small")
+            ax1.plot([], [], "-", color=color, marker=".", label=f"run varies: {variant}")
         ax1.set(xscale="log", yscale="log", xlabel="Jacobian norm", ylabel="sharpness",
                 title=f"{g['task']}/{g['distribution']}: checkpoints")
         ax2.hist([row["ansatz_tau"] for row in g["runs"]], bins=np.linspace(-1, 1, 21), color="grey")
         ax2.set(xlabel="Kendall tau(sharpness, Jacobian) per run", ylabel="runs",
                 title=f"median {g['ansatz_tau_median']:.2f}, {g['ansatz_tau_positive']}/{g['n']} positive")
+        common.log_tick_labels(ax1)
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
+    common.legend_below(fig, common.labelled_handles(axes.flat), fontsize="x-small")
     return common.save_figure(fig, stem, dpi=150)
 
 

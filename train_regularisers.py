@@ -39,13 +39,15 @@ points, the baseline shared by four sweeps counted once) x 2 initial learning ra
 Smoke run (seconds): python train_regularisers.py --smoke  (the data sets present under --data-root, else a
 synthetic stand-in of CIFAR-10, said on the terminal and in the plot titles)
 
-Writes, under --out (default results/train_regularisers; results/train_regularisers_smoke
-with --smoke):
+Writes, under --out (default results/train_regularisers; with --smoke
+results/train_regularisers_smoke_<data sets>, e.g. ..._smoke_cifar10 or
+..._smoke_synthetic-cifar10):
     <dataset=..._model=..._batch_norm=..._lr=..._<regularisers>_trial=...-hash>/{config,metrics,result}.json
         metrics: per epoch the mean batch loss, the learning rate and the weight norm
     plots/fig20..27_<dataset>_<model>_<bn|no-bn>.{png,pdf}  a row per sweep, a column per metric,
         line style per initial learning rate. Figure 2 is the weight-decay row, Figure 5 the
-        other rows of fig23 (ResNet18 with BN on CIFAR-10).
+        other rows of fig23 (ResNet18 with BN on CIFAR-10): its file carries the numbers of
+        the rows drawn, fig02_fig05_fig23_cifar10_resnet18_bn with every paper sweep.
     plots/correlations.json   Kendall tau of the gap against Jacobian norm, sharpness and
         Gauss-Newton norm, per (data set, model, BN, sweep), each cell one point
 
@@ -83,6 +85,8 @@ SWEEPS = {"weight_decay": ("weight_decay", "weight decay"),
 PAPER_SWEEPS = ["weight_decay", "label_smoothing", "mixup", "augmentation", "sam"]
 FIGURES = {(d, m, bn): 20 + 4 * i + 2 * j + int(bn) for i, d in enumerate(("cifar10", "cifar100"))
            for j, m in enumerate(("vgg11", "resnet18")) for bn in (False, True)}
+# Main-text figures within an appendix figure, by the sweeps (rows) that make them.
+MAIN_FIGURES = {23: {2: ["weight_decay"], 5: ["label_smoothing", "mixup", "augmentation", "sam"]}}
 METRIC_LABELS = {"gap": "generalisation gap", "sharpness": "sharpness",
                  "gauss_newton": "Gauss-Newton norm", "jacobian": "Jacobian norm (softmax)",
                  "train_loss": "training loss", "test_accuracy": "validation accuracy",
@@ -90,13 +94,24 @@ METRIC_LABELS = {"gap": "generalisation gap", "sharpness": "sharpness",
 RUN_KEYS = ("dataset", "model", "batch_norm", "lr", "weight_decay", "smoothing", "mixup_beta",
             "augment_p", "sam_rho", "jacobian_penalty", "trial")
 BATCH_NORM = {"with": True, "without": False}
+FIGURE_FLAGS = """\
+Figures (files under <--out>/plots; the defaults give all eight, a row per --sweeps entry):
+  Figure 20   --datasets cifar10 --models vgg11 --batch-norm without
+  Figure 21   --datasets cifar10 --models vgg11 --batch-norm with
+  Figure 22   --datasets cifar10 --models resnet18 --batch-norm without
+  Figure 23   --datasets cifar10 --models resnet18 --batch-norm with
+      its weight-decay row is Figure 2 (alone: add --sweeps weight_decay), its other rows
+      Figure 5 (alone: add --sweeps label_smoothing mixup augmentation sam)
+  Figures 24-27   as 20-23 with --datasets cifar100
+  e.g. fig02_fig05_fig23_cifar10_resnet18_bn.png; --sweeps jacobian adds a row (not in the paper)"""
 
 
 # ----------------------------------------------------------------------------- arguments
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(__doc__, trials=5, out="results/train_regularisers")
+    parser = common.make_parser(__doc__, trials=5, out="results/train_regularisers",
+                                figures=FIGURE_FLAGS)
     parser.add_argument("--datasets", nargs="+", default=["cifar10", "cifar100"],
                         choices=list(common.DATASETS))
     parser.add_argument("--models", nargs="+", default=["vgg11", "resnet18"], choices=list(common.MODELS))
@@ -442,6 +457,14 @@ def with_penalty(runs):
     return runs
 
 
+def figure_prefix(number, sweeps_drawn):
+    """"figNN_" for appendix figure NN, led by the main-text figures among its rows drawn:
+    "fig02_fig05_fig23_" for fig23 with the weight-decay row and another paper sweep."""
+    mains = [main for main, sweeps in MAIN_FIGURES.get(number, {}).items()
+             if set(sweeps) & set(sweeps_drawn)]
+    return "".join(f"fig{main:02d}_" for main in mains) + f"fig{number}_"
+
+
 def plot(args, out):
     """Per (data set, model, BN): a row per sweep, a column per metric, a line style per initial
     learning rate; and the Kendall correlations of every sweep."""
@@ -460,14 +483,13 @@ def plot(args, out):
                 runs, against=("jacobian", "sharpness", "gauss_newton"), within="lr")
             for ax, (metric, label) in zip(row, METRIC_LABELS.items()):
                 common.plot_sweep(ax, runs, key, "lr", metric, style_label="initial lr",
-                                  log_y=sweep == "weight_decay" and metric != "test_accuracy")
+                                  log_y=sweep == "weight_decay" and metric != "test_accuracy",
+                                  xlabel=xlabel, ylabel=label)
                 if sweep == "jacobian":
                     symlog_axis(ax, [r["config"][key] for r in runs])
-                ax.set_xlabel(xlabel)
-                ax.set_ylabel(label)
             row[0].set_title(f"τ(gap, Jac) = {tau['tau_gap_jacobian']:.2f}, "
                              f"τ(gap, sharp) = {tau['tau_gap_sharpness']:.2f}", fontsize="small")
-            row[0].legend(fontsize="x-small")
+        common.legend_below(fig, common.labelled_handles(fig.axes))
         trials = max(len({r["config"]["trial"] for r in runs}) for _, runs in rows)
         reduced = not (args.width == 1 and args.train_size is None)
         fig.suptitle(f"{model} {'with' if bn else 'without'} BN on {common.dataset_label(dataset)}"
@@ -476,7 +498,7 @@ def plot(args, out):
                      f"outside its own sweep, mean ± std over {trials} trials "
                      f"(τ: Kendall, over cells)")
         number = FIGURES.get((dataset.removeprefix("synthetic-"), model, bn))
-        stem = f"fig{number}_{name}" if number else name
+        stem = f"{figure_prefix(number, [sweep for sweep, _ in rows])}{name}" if number else name
         paths += common.save_figure(fig, f"{out}/plots/{stem}",
                                     settings=[r["config"] for _, runs in rows for r in runs])
     common.save_json(f"{out}/plots/correlations.json", correlations)

@@ -24,7 +24,8 @@ plots/README.md.
 Smoke run (seconds): python vgg_sgd.py --smoke  (CIFAR-10 if --data-root holds it, else a
 synthetic stand-in, said on the terminal and in the plot titles)
 
-Writes, under --out (default results/vgg_sgd):
+Writes, under --out (default results/vgg_sgd; with --smoke results/vgg_sgd_smoke_cifar10 or
+results/vgg_sgd_smoke_synthetic-cifar10, by the data set used):
     <smoothing=..._trial=...-hash>/{config,metrics,result}.json (checkpoint.pt while running;
     a killed run continues from it when the same command is rerun)
     plots/fig28_first_epoch.{png,pdf}, plots/fig29_all_epochs.{png,pdf} (the latter only when
@@ -65,13 +66,17 @@ METRIC_LABELS = {"loss": "cross entropy - label entropy", "sharpness": "sharpnes
                  "jacobian": "Jacobian norm (softmax)", "logit_jacobian": "Jacobian norm (logits)",
                  "output_norm": "output Frobenius norm"}
 RUN_KEYS = ("smoothing", "trial")
+FIGURE_FLAGS = """\
+Figures (files under <--out>/plots; one run gives both, --plot-only redraws):
+  Figure 28   the first epoch of any run (alone: --epochs 1)    fig28_first_epoch.png
+  Figure 29   the whole run, with --epochs above 1 (default 90)  fig29_all_epochs.png"""
 
 
 # ----------------------------------------------------------------------------- arguments
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(__doc__, trials=1, out="results/vgg_sgd")
+    parser = common.make_parser(__doc__, trials=1, out="results/vgg_sgd", figures=FIGURE_FLAGS)
     parser.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS))
     parser.add_argument("--model", default="vgg11", choices=list(common.MODELS))
     parser.add_argument("--smoothings", nargs="+", type=common.finite_float, default=[0.0, 0.5, 0.75])
@@ -97,6 +102,7 @@ def parse_args(argv=None):
     parser.add_argument("--eig-max-iter", type=int, default=100, help="most Lanczos steps")
     parser.add_argument("--checkpoint-seconds", type=common.finite_float, default=300.0,
                         help="least time between checkpoints (taken at measurements)")
+    common.add_plot_from_flag(parser)
     # --smoke: tiny sizes on synthetic data, in their own folder; options given explicitly win
     smoke = dict(out="results/vgg_sgd_smoke", dataset="present", width=0.0625,
                  train_size=64, batch_size=16, epochs=3, measure_every=2, measure_size=16,
@@ -308,11 +314,12 @@ def plot(args, runs):
     for stem, shown, span, logs in figures:
         fig, panels = common.plot_runs(shown, metrics, "smoothing",
                                        labels=METRIC_LABELS, style_label="smoothing",
-                                       log_metrics=logs,
+                                       log_metrics=logs, ncols=3, legend=False,
                                        xlabel=f"iteration ({per_epoch} per epoch)",
                                        title=f"{title}, {span}\n{data}")
-        common.plot_step_curvatures(panels["sharpness"], shown, "smoothing",
-                                    two_over_lr=2 / args.lr)
+        marks = common.plot_step_curvatures(panels["sharpness"], shown, "smoothing",
+                                            two_over_lr=2 / args.lr)
+        common.legend_below(fig, common.labelled_handles(panels.values()) + marks)
         paths += common.save_figure(fig, f"{args.out}/plots/{stem}",
                                     settings=[r["config"] for r in runs])
     return paths
@@ -322,6 +329,7 @@ def plot(args, runs):
 
 
 def main(args):
+    common.unpack_plot_from(args)
     configs = run_configs(args)
     pending = [] if args.plot_only else common.pending_runs(args.out, configs, RUN_KEYS)
     if pending:

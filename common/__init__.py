@@ -19,7 +19,9 @@ Where each name lives:
                 the ghost batches, the sums of a data-parallel step (gradients, BN statistics).
   cli           the shared flags, --smoke, one-line errors (exit 2), device, progress bars.
   sweeps        grids of cells, --list-grid / --grid-index, Kendall tau.
-  plotting      mean +- std bands, sweep panels, save_figure.
+  plotting      mean +- std bands, sweep panels, legends under the panels, save_figure.
+  figure_check  layout_problems: text beyond the canvas, legends over panels, texts over texts
+                (`from common.figure_check import ...`: it loads matplotlib).
 """
 from .cli import (ArgumentParser, add_plot_from_flag, check, check_common, check_positive,
                   check_unit_interval, check_width, check_writable, dataset_label, fail,
@@ -41,8 +43,9 @@ from .measurements import (bn_mode_jacobian_norms, eigenvalue_with_convergence,
                            recorded_convergence, step_curvature, weight_norm)
 from .models import (ACTIVATIONS, INITS, MLP, MODELS, VGG11, VGG11_CONFIG, BasicBlock, Gaussian,
                      ResNet18, build_model)
-from .plotting import (LINESTYLES, mean_std, new_figure, plot_band, plot_runs,
-                       plot_step_curvatures, plot_sweep, save_figure)
+from .plotting import (LINESTYLES, labelled_handles, legend_below, log_tick_labels, mean_std,
+                       new_figure, plain_ticks, plot_band, plot_runs, plot_step_curvatures,
+                       plot_sweep, save_figure, wrapped)
 from .runs import (DamagedRun, Run, atomic_write, config_hash, load_json, load_run, load_saved,
                    metric_series, move_aside, pending_runs, restore_training_state, run_name,
                    save_json, save_runs_summary, save_torch, training_state,

@@ -109,12 +109,16 @@ def finite_float(text):
     return value
 
 
-def make_parser(doc, *, trials, out, gradient_check=True):
+def make_parser(doc, *, trials, out, gradient_check=True, figures=None):
     """A parser with the shared flags: --device, --data-root, --out, --trials, --seed, --smoke,
     --plot-only (and --no-gradient-check for scripts that train with `gradient_check_or_fail`).
-    Scripts add their own flags (paper settings as defaults) to it."""
-    parser = ArgumentParser(description=doc.strip().split("\n\n")[0],
-                            epilog=paper_command(doc), formatter_class=HelpFormatter)
+    Scripts add their own flags (paper settings as defaults) to it.
+
+    --help shows the docstring's first paragraph, then its "Paper's run" lines and, last,
+    `figures`: the script's map from flags to the figures they give, lines kept as written."""
+    epilog = "\n\n".join(part.strip("\n") for part in (paper_command(doc), figures) if part)
+    parser = ArgumentParser(description=doc.strip().split("\n\n")[0], epilog=epilog or None,
+                            formatter_class=HelpFormatter)
     g = parser.add_argument_group("shared")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: cuda if available, else cpu")
@@ -165,17 +169,29 @@ def parse_with_smoke(parser, argv, smoke):
 
     A `dataset` / `datasets` smoke setting of "present" means: the real data sets found under
     --data-root (cifar10 first), else the synthetic stand-in of CIFAR-10 (or, with --download,
-    CIFAR-10 downloaded), said on the terminal.
+    CIFAR-10 downloaded), said on the terminal. Where the script reads a data set, the smoke
+    `out` folder is named for the data sets used (`results/fullbatch_smoke_cifar10`,
+    `..._smoke_synthetic-cifar10`), so real and synthetic smoke runs never share a folder;
+    an explicit --out is kept as given.
     """
     args = parser.parse_args(argv)
     if args.smoke:
-        parser.set_defaults(**smoke)
+        parser.set_defaults(**dict(smoke, out=None) if "out" in smoke else smoke)
         args = parser.parse_args(argv)
         for name in ("dataset", "datasets"):
             if getattr(args, name, None) in ("present", ["present"]):
                 present = smoke_datasets(args.data_root, args.download)
                 setattr(args, name, present[0] if name == "dataset" else present)
+        if "out" in smoke and args.out is None:
+            args.out = smoke_out(smoke["out"], args)
     return args
+
+
+def smoke_out(out, args):
+    """The smoke run's results folder: `out`, suffixed with the data sets the run reads."""
+    datasets = getattr(args, "datasets", None) or [getattr(args, "dataset", None)]
+    datasets = [d for d in datasets if d]
+    return f"{out}_{'-'.join(datasets)}" if datasets else out
 
 
 def smoke_datasets(root, download=False):
@@ -238,7 +254,7 @@ def check_common(args, *, dataset=None):
     check_writable(args.out)
     check(args.device != "cuda" or torch.cuda.is_available(), "--device cuda: CUDA is not available")
     _runs.RESTART_DAMAGED = getattr(args, "restart", False)
-    if dataset is not None and not args.plot_only:
+    if dataset is not None and not (args.plot_only or getattr(args, "plot_from", None)):
         check(dataset in DATASETS, f"unknown data set {dataset!r}")
         path = dataset_path(dataset, args.data_root)
         if not is_synthetic(dataset) and not args.download:

@@ -183,4 +183,5 @@ def test_slurm_template_runs_the_array_task_cell(cli):
 
 def test_smoke_settings_are_defaults_that_explicit_flags_override():
     args = batch_lr.parse_args(["--smoke", "--datasets", "synthetic-cifar10", "--trials", "2"])
-    assert args.trials == 2 and args.max_iterations == 8 and args.out == "results/batch_lr_smoke"
+    assert args.trials == 2 and args.max_iterations == 8
+    assert args.out == "results/batch_lr_smoke_synthetic-cifar10"

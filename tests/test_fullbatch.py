@@ -126,7 +126,7 @@ def test_plot_only_redraws_from_saved_results(tmp_path, cli):
     nothing_saved = cli.main(fullbatch, TINY + ["--out", out, "--plot-only"])
     assert_one_line_error(nothing_saved, "no saved results")
     run_main(TINY + ["--out", str(out), "--smoothings", "0"])
-    png = out / "plots" / "fig06_vgg11_lr0.08.png"
+    png = out / "plots" / "fig01_fig06_vgg11_lr0.08.png"
     png.unlink()
     saved = {p: p.stat().st_mtime_ns for p in out.glob("*/*.json")
              if p.parent.name != "plots"}  # the runs; plots/runs.json is redrawn
@@ -144,3 +144,14 @@ def test_plot_only_redraws_from_saved_results(tmp_path, cli):
     assert png.stat().st_size > 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.json")
              if p.parent.name != "plots"}  # the runs; plots/runs.json is redrawn == saved
+
+
+def test_an_unreached_target_is_said_to_be_expected_at_smoke_scale():
+    runs = [{"config": {"model": "vgg11", "lr": 0.08, "smoothing": 0.0, "trial": 0},
+             "result": {"status": "finished", "reached_target": False}}]
+    smoke = fullbatch.parse_args(["--smoke", "--data-root", "none"])
+    lines = fullbatch.unreached_lines(smoke, runs)
+    assert "not reached" in lines[0] and "expected at smoke scale" in lines[1]
+    smoke.smoke = False
+    assert len(fullbatch.unreached_lines(smoke, runs)) == 1
+    assert fullbatch.unreached_lines(smoke, [{**runs[0], "result": {"reached_target": True}}]) == []

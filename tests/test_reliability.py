@@ -222,6 +222,19 @@ def test_smoke_uses_data_present_else_synthetic(tmp_path, capsys):
     assert "using cifar10" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("script", ["fullbatch", "batch_lr", "train_regularisers", "vgg_sgd",
+                                    "small_network"])
+def test_smoke_folders_are_named_for_their_data_and_an_explicit_out_is_kept(tmp_path, script):
+    write_npz(tmp_path / "cifar10.npz")
+    module = importlib.import_module(script)
+    real = module.parse_args(["--smoke", "--data-root", str(tmp_path)])
+    synthetic = module.parse_args(["--smoke", "--data-root", str(tmp_path / "none")])
+    assert real.out == f"results/{script}_smoke_cifar10"
+    assert synthetic.out == f"results/{script}_smoke_synthetic-cifar10"
+    mine = str(tmp_path / "mine")
+    assert module.parse_args(["--smoke", "--data-root", str(tmp_path), "--out", mine]).out == mine
+
+
 def test_smoke_with_download_asks_for_cifar10_not_the_stand_in(tmp_path, capsys):
     assert common.smoke_datasets(tmp_path, download=True) == ["cifar10"]
     assert "cifar10 will be downloaded" in capsys.readouterr().out

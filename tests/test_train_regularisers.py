@@ -235,7 +235,8 @@ def test_slurm_template_passes_the_array_task_index(tmp_path, cli):
 
 def test_smoke_settings_are_defaults_that_explicit_flags_override():
     args = tr.parse_args(["--smoke", "--datasets", "synthetic-cifar10", "--epochs", "3"])
-    assert args.epochs == 3 and args.width == 0.125 and args.out == "results/train_regularisers_smoke"
+    assert args.epochs == 3 and args.width == 0.125
+    assert args.out == "results/train_regularisers_smoke_synthetic-cifar10"
 
 
 def test_mixup_controls_resample_with_labels_or_keep_the_batch():
