@@ -8,7 +8,8 @@ the number of cells, the median test accuracy and final clean training loss (is 
 regime where networks generalise?) and Kendall's tau of the generalisation gap against the
 softmax Jacobian norm, the sharpness and the Gauss-Newton norm, over the rung's cells at
 initial learning rate 0.1 (the one learning rate every rung has; the pooled value over all
-learning rates is saved too).
+learning rates is saved too). A rung's taus are drawn and tabulated once it has MIN_CELLS cells
+at lr 0.1 (the JSON has them from two cells on).
 
     python plots/ladder.py            # writes plots/ladder/ladder.{png,pdf,json}, prints the tables
 
@@ -50,6 +51,7 @@ WIDTH_TABLE = ["train_regularisers/fig21_runs.json", "train_regularisers/ladder/
                "train_regularisers/ladder/n10000", "train_regularisers/ladder/n50000"]
 BASELINE = {"lr": 0.1, "weight_decay": 0.0005, "smoothing": 0.0, "mixup_beta": None,
             "augment_p": 0.0, "sam_rho": 0.0}
+MIN_CELLS = 6  # a rung's taus are drawn and tabulated from this many cells at lr 0.1 on
 TRAIN_SPLIT = 50_000  # CIFAR-10's training split: a cell with train_size None used all of it
 
 
@@ -132,10 +134,11 @@ def table(data):
     for sweep, rungs in data.items():
         for r in rungs:
             epochs = "/".join(str(e) for e in r["epochs"]) if r["epochs"] != [None] else "to target"
+            taus = " | ".join(f"{r[f'tau_{q}']:.2f}" if r["cells_at_lr"] >= MIN_CELLS else "-"
+                              for q in STATISTICS)
             lines.append(f"| {sweep} | {r['images']} | 1/{round(1 / r['width'])} | {epochs} "
                          f"| {r['finished']} ({r['cells_at_lr']}) | {r['median_test_accuracy']:.3f} "
-                         f"| {r['median_train_loss']:.3g} | {r['tau_jacobian']:.2f} "
-                         f"| {r['tau_sharpness']:.2f} | {r['tau_gauss_newton']:.2f} |")
+                         f"| {r['median_train_loss']:.3g} | {taus} |")
     return "\n".join(lines)
 
 
@@ -160,7 +163,8 @@ def plot(data, out):
                (axes[1, 2], "cells_at_lr", f"cells at lr {COMMON_LR}")]
     for ax, key, label in panels:
         for sweep, rungs in data.items():
-            ax.plot([r["images"] for r in rungs], [r[key] for r in rungs], styles[sweep], label=sweep)
+            shown = [r for r in rungs if not key.startswith("tau") or r["cells_at_lr"] >= MIN_CELLS]
+            ax.plot([r["images"] for r in shown], [r[key] for r in shown], styles[sweep], label=sweep)
         ax.set_xscale("log")
         ax.set_xlim(700, 80_000)
         ax.set_xticks(IMAGE_TICKS, [f"{n // 1000}k" for n in IMAGE_TICKS])

@@ -50,7 +50,10 @@ def test_rung_rows_from_run_folders_and_runs_files(tmp_path, monkeypatch):
     assert rung["median_train_loss"] == pytest.approx(1.5 / 100)
     assert bottom["tau_jacobian"] == pytest.approx(1.0)
     row = ladder.table(data).splitlines()[3]
-    assert row.startswith("| sweep | 10000 | 1/8 | 30 | 4 (3) | 0.650 | 0.015 | 1.00 | -1.00 | nan |")
+    assert row == "| sweep | 10000 | 1/8 | 30 | 4 (3) | 0.650 | 0.015 | - | - | - |"  # too few cells
+    monkeypatch.setattr(ladder, "MIN_CELLS", 3)
+    row = ladder.table(data).splitlines()[3]
+    assert row == "| sweep | 10000 | 1/8 | 30 | 4 (3) | 0.650 | 0.015 | 1.00 | -1.00 | nan |"
 
 
 def test_width_table_keeps_the_baseline_cells_at_lr_0_1(tmp_path, monkeypatch):
@@ -92,3 +95,10 @@ def test_committed_ladder_matches_the_committed_rungs():
     saved = json.loads((REPO / "plots" / "ladder" / "ladder.json").read_text())
     fresh = {"ladder": ladder.ladder(REPO / "plots"), "width_table": ladder.width_table(REPO / "plots")}
     assert plain(fresh) == plain(saved), "plots/ladder/ladder.json is stale: rerun python plots/ladder.py"
+
+
+def test_plots_readme_quotes_the_committed_tables():
+    readme = (REPO / "plots" / "README.md").read_text()
+    root = REPO / "plots"
+    assert ladder.table(ladder.ladder(root)) in readme, "plots/README.md: paste python plots/ladder.py's ladder table"
+    assert ladder.width_markdown(ladder.width_table(root)) in readme, "plots/README.md: paste the width table"
