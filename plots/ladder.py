@@ -12,6 +12,7 @@ learning rates is saved too). A rung's taus are drawn and tabulated once it has 
 at lr 0.1 (the JSON has them from two cells on).
 
     python plots/ladder.py            # writes plots/ladder/ladder.{png,pdf,json}, prints the tables
+    python plots/ladder.py --update-readme   # and puts them into plots/README.md
 
 It also tabulates the regulariser sweep's baseline cell (weight decay 5e-4, nothing else, lr
 0.1) at every width and number of images tried, with its CPU minutes (training and the
@@ -60,6 +61,8 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=PLOTS, help="where the rungs are (plots/)")
     parser.add_argument("--out", type=Path, default=PLOTS / "ladder", help="folder of the figure and JSON")
+    parser.add_argument("--update-readme", action="store_true",
+                        help="also replace the two tables in plots/README.md by the fresh ones")
     return parser.parse_args(argv)
 
 
@@ -152,6 +155,13 @@ def width_markdown(rows):
     return "\n".join(lines)
 
 
+def with_table(text, table_):
+    """text with the markdown table that has table_'s header line replaced by table_."""
+    start = text.index(table_.splitlines()[0])
+    end = text.find("\n\n", start)
+    return text[:start] + table_ + (text[end:] if end >= 0 else "\n")
+
+
 def plot(data, out):
     """Top row: each tau against the training images, a line per sweep; bottom row: the median
     test accuracy and training loss, and the cells, so a tau is read beside its regime."""
@@ -187,6 +197,11 @@ def main(args):
     args.out.mkdir(parents=True, exist_ok=True)
     common.save_json(args.out / "ladder.json", {"ladder": data, "width_table": widths})
     print(table(data), width_markdown(widths), sep="\n\n")
+    if args.update_readme:
+        readme = args.root / "README.md"
+        common.atomic_write(readme, lambda f: f.write(
+            with_table(with_table(readme.read_text(), table(data)), width_markdown(widths))), mode="w")
+        print(f"updated the tables of {readme}")
     for path in plot(data, args.out):
         print(f"wrote {path}")
 

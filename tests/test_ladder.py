@@ -97,6 +97,12 @@ def test_committed_ladder_matches_the_committed_rungs():
     assert plain(fresh) == plain(saved), "plots/ladder/ladder.json is stale: rerun python plots/ladder.py"
 
 
+def test_with_table_replaces_the_table_with_that_header():
+    text = "intro\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\nafter\n"
+    assert ladder.with_table(text, "| a | b |\n|---|---|\n| 3 | 4 |") == (
+        "intro\n\n| a | b |\n|---|---|\n| 3 | 4 |\n\nafter\n")
+
+
 def test_plots_readme_quotes_the_committed_tables():
     readme = (REPO / "plots" / "README.md").read_text()
     root = REPO / "plots"
