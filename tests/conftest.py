@@ -3,8 +3,8 @@ the real-data folder.
 
 Tiers: `python3 -m pytest -q` runs everything (CI, the README's command);
 `python3 -m pytest -m "not slow"` skips the end-to-end tests (anything that runs a script's
-main or trains, starts a fresh Python with torch, or takes over ~3 s): 64 s on 2 cores shared
-with training runs (README, Quick start).
+main or trains, starts a fresh Python with torch, or takes over ~3 s): 46 s on 2 idle cores
+(README, Quick start).
 """
 import os
 import shlex
