@@ -14,9 +14,10 @@ at lr 0.1 (the JSON has them from two cells on).
     python plots/ladder.py            # writes plots/ladder/ladder.{png,pdf,json}, prints the tables
     python plots/ladder.py --update-readme   # and puts them into plots/README.md
 
-It also tabulates the regulariser sweep's baseline cell (weight decay 5e-4, nothing else, lr
-0.1) at every width and number of images tried, with its CPU minutes (training and the
-end-of-training measurements, one thread): the table each rung's width was chosen from.
+It also tabulates one cell per sweep (the regularisers' baseline, weight decay 5e-4 and nothing
+else; B.2's batch 128; both at lr 0.1) at every width and number of images tried, with its CPU
+minutes (training and the end-of-training measurements, one thread): the table each rung's
+width was chosen from.
 
 The rungs' commands are in plots/README.md ("The scale ladder"). A rung is a committed runs
 file (`*_runs.json`) or a folder of committed run folders (config.json, metrics.json,
@@ -46,12 +47,17 @@ STATISTICS = {"jacobian": "τ(gap, Jacobian)", "sharpness": "τ(gap, sharpness)"
               "gauss_newton": "τ(gap, Gauss-Newton)"}
 IMAGE_TICKS = (1000, 2000, 4000, 10_000, 50_000)
 COMMON_LR = "0.1"
-# The regulariser sweep's baseline cells (weight decay 5e-4, every other regulariser off) at lr
-# 0.1, at every width and number of images tried: the table the rungs' widths were chosen from.
-WIDTH_TABLE = ["train_regularisers/fig21_runs.json", "train_regularisers/ladder/width_table",
-               "train_regularisers/ladder/n10000", "train_regularisers/ladder/n50000"]
-BASELINE = {"lr": 0.1, "weight_decay": 0.0005, "smoothing": 0.0, "mixup_beta": None,
-            "augment_p": 0.0, "sam_rho": 0.0}
+# The cell each sweep's widths were chosen by, at every width and number of images tried, per
+# sweep: its rungs and what the cell's config holds (regularisers: weight decay 5e-4 and nothing
+# else; B.2: batch 128), at lr 0.1.
+WIDTH_TABLE = {
+    "regularisers": (["train_regularisers/fig21_runs.json", "train_regularisers/ladder/width_table",
+                      "train_regularisers/ladder/n10000", "train_regularisers/ladder/n50000"],
+                     {"lr": 0.1, "weight_decay": 0.0005, "smoothing": 0.0, "mixup_beta": None,
+                      "augment_p": 0.0, "sam_rho": 0.0}),
+    "batch/lr": ([p for sweep, paths in LADDER.items() if sweep.startswith("batch/lr") for p in paths],
+                 {"lr": 0.1, "batch_size": 128}),
+}
 MIN_CELLS = 6  # a rung's taus are drawn and tabulated from this many cells at lr 0.1 on
 TRAIN_SPLIT = 50_000  # CIFAR-10's training split: a cell with train_size None used all of it
 
@@ -111,23 +117,27 @@ def ladder(root):
 
 
 def width_table(root):
-    """Rows (width, images, epochs, cells, median test accuracy and training loss, minutes a
-    cell) of the baseline cells under WIDTH_TABLE, smallest first."""
+    """Rows (sweep, model, width, images, epochs, cells, median test accuracy and training loss,
+    minutes a cell) of the cells WIDTH_TABLE picks, grouped by sweep, model, width, images."""
     groups = {}
-    for path in WIDTH_TABLE:
-        if (root / path).exists():
+    for sweep, (paths, picked) in WIDTH_TABLE.items():
+        for path in paths:
+            if not (root / path).exists():
+                continue
             for r in rung_runs(root / path):
                 c = r["config"]
                 if (r["result"]["status"] == "finished" and not c.get("jacobian_penalty")
-                        and all(c.get(k) == v for k, v in BASELINE.items())):
-                    key = (c["width"], c.get("train_size") or TRAIN_SPLIT, c["epochs"])
+                        and all(c.get(k) == v for k, v in picked.items())):
+                    key = (sweep, c["model"], c["width"], c.get("train_size") or TRAIN_SPLIT,
+                           c.get("epochs") or "to target")
                     groups.setdefault(key, []).append(r["result"])
-    return [{"width": w, "images": n, "epochs": e, "cells": len(results),
+    return [{"sweep": sweep, "model": model, "width": w, "images": n, "epochs": e,
+             "cells": len(results),
              "median_test_accuracy": median([x["test_accuracy"] for x in results]),
              "median_train_loss": median([x["train_loss"] for x in results]),
              "minutes": statistics.mean((x["train_seconds"] + x["measure_seconds"]) / 60
                                         for x in results)}
-            for (w, n, e), results in sorted(groups.items())]
+            for (sweep, model, w, n, e), results in sorted(groups.items(), key=lambda g: g[0][:4])]
 
 
 def table(data):
@@ -147,9 +157,9 @@ def table(data):
 
 def width_markdown(rows):
     """The width table as markdown (plots/README.md quotes it)."""
-    lines = ["| width | images | epochs | cells | median test acc. | median train loss | minutes a cell |",
-             "|---" * 7 + "|"]
-    lines += [f"| 1/{round(1 / r['width'])} | {r['images']} | {r['epochs']} | {r['cells']} "
+    lines = ["| sweep | model | width | images | epochs | cells | median test acc. | median train loss "
+             "| minutes a cell |", "|---" * 9 + "|"]
+    lines += [f"| {r['sweep']} | {r['model']} | 1/{round(1 / r['width'])} | {r['images']} | {r['epochs']} | {r['cells']} "
               f"| {r['median_test_accuracy']:.3f} | {r['median_train_loss']:.3g} | {r['minutes']:.1f} |"
               for r in rows]
     return "\n".join(lines)

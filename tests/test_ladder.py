@@ -61,12 +61,13 @@ def test_width_table_keeps_the_baseline_cells_at_lr_0_1(tmp_path, monkeypatch):
     cells = []
     for lr, sam, trial, acc in ((0.1, 0.0, 0, 0.6), (0.1, 0.0, 1, 0.8), (0.1, 0.05, 0, 0.9), (0.05, 0.0, 0, 0.1)):
         c = cell(lr, trial, 1.0, 1, 1, 1)
-        c["config"].update(base, sam_rho=sam)
+        c["config"].update(base, sam_rho=sam, model="vgg11")
         c["result"].update(test_accuracy=acc, train_seconds=60.0 * (trial + 1), measure_seconds=60.0)
         cells.append(c)
     write_run_folders(tmp_path / "rung", cells)
-    monkeypatch.setattr(ladder, "WIDTH_TABLE", ["rung"])
+    monkeypatch.setattr(ladder, "WIDTH_TABLE", {"regularisers": (["rung"], {"lr": 0.1, **base})})
     (row,) = ladder.width_table(tmp_path)
+    assert (row["sweep"], row["model"]) == ("regularisers", "vgg11")
     assert (row["width"], row["images"], row["epochs"], row["cells"]) == (0.125, 10_000, 30, 2)
     assert row["median_test_accuracy"] == pytest.approx(0.7)
     assert row["minutes"] == pytest.approx(2.5)
