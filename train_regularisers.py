@@ -393,7 +393,7 @@ def train(config, args, data, device):
         generator.set_state(state["generator"])
         elapsed = state["seconds"]
     started = time.monotonic() - elapsed
-    last = config["epochs"] + (config.get("match_max_epochs", 0) if target is not None else 0)
+    last = config["epochs"] + config.get("match_max_epochs", 0)  # the key only on matched cells
     bar = common.progress(desc=f"cell {run.dir.name}", initial=epoch, total=config["epochs"],
                           disable=args.no_progress)
     while epoch < config["epochs"] or (epoch < last and still_above(run, target, epoch)):
