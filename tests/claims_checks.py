@@ -11,6 +11,7 @@ correlation) has no three-trial means and no spread, and a claim of possibility 
 import functools
 import itertools
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -110,8 +111,24 @@ def threshold(values, limits):
 
 @functools.lru_cache(maxsize=None)
 def load(name):
-    """A committed results file (read once; the checks do not modify what it returns)."""
-    return json.loads((PLOTS / name).read_text())
+    """A committed results file, or the runs of a folder of committed run folders (each with
+    config.json, metrics.json and result.json: a rung of the scale ladder), read once; the checks
+    do not modify what it returns. A name may end in `?key=value&...` (values in JSON): only the
+    runs whose config has those values."""
+    path, _, query = name.partition("?")
+    if (PLOTS / path).is_dir():
+        data = [folder_run(d) for d in sorted((PLOTS / path).iterdir()) if (d / "result.json").exists()]
+    else:
+        data = json.loads((PLOTS / path).read_text())
+    where = {k: json.loads(v) for k, v in (item.split("=", 1) for item in query.split("&") if item)}
+    return [r for r in data if all(r["config"].get(k) == v for k, v in where.items())] if where else data
+
+
+def folder_run(folder):
+    """One committed run folder as a runs-file entry: {"name", "config", "metrics", "result"}."""
+    meta = json.loads((folder / "config.json").read_text())
+    return {"name": folder.name, "config": meta["config"], "result": json.loads((folder / "result.json").read_text()),
+            "metrics": json.loads((folder / "metrics.json").read_text())}
 
 
 def runs(files, where=None):
@@ -123,6 +140,11 @@ def runs(files, where=None):
 
 def by(runs_, *keys):
     return {tuple(run["config"][k] for k in keys): run for run in runs_}
+
+
+def trials_of(cells):
+    """The trials of a `by(..., "trial")` mapping (its keys end in the trial)."""
+    return sorted({k[-1] for k in cells})
 
 
 def grouped(runs_, *keys):
@@ -359,8 +381,9 @@ def lower_at_larger_lr(files, quantities):
     for quantity in quantities:
         for model, batch in sorted({k[:2] for k in cells}):
             value = lambda lr, t: cells[model, batch, lr, t]["result"][quantity]
-            out[quantity, model, batch] = pairwise([value(0.01, t) for t in range(3)],
-                                                   [value(0.1, t) for t in range(3)])
+            trials = trials_of(cells)
+            out[quantity, model, batch] = pairwise([value(0.01, t) for t in trials],
+                                                   [value(0.1, t) for t in trials])
     return out
 
 
@@ -373,7 +396,7 @@ def higher_at_larger_lr(files, quantities):
 
 def batch_cells(files, model, lr):
     cells = by(runs(files, {"model": model, "lr": lr}), "batch_size", "trial")
-    return sorted({b for b, _ in cells}), lambda b, t, q: cells[b, t]["result"][q]
+    return sorted({b for b, _ in cells}), trials_of(cells), lambda b, t, q: cells[b, t]["result"][q]
 
 
 @check
@@ -384,10 +407,10 @@ def rises_with_batch(files, quantity, lrs):
     out = {}
     for model, lr in sorted({(r["config"]["model"], r["config"]["lr"]) for r in runs(files)}):
         if lr in lrs:
-            batches, value = batch_cells(files, model, lr)
-            signs = [sign(kendall(batches, [value(b, t, quantity) for b in batches])) for t in range(3)]
-            ends = [[value(b, t, quantity) for t in range(3)] for b in (batches[0], batches[-1])]
-            means = [mean(value(b, t, quantity) for t in range(3)) for b in batches]
+            batches, trials, value = batch_cells(files, model, lr)
+            signs = [sign(kendall(batches, [value(b, t, quantity) for b in batches])) for t in trials]
+            ends = [[value(b, t, quantity) for t in trials] for b in (batches[0], batches[-1])]
+            means = [mean(value(b, t, quantity) for t in trials) for b in batches]
             out[model, lr] = Setting(signs, apart(*ends), sign(kendall(batches, means)))
     return out
 
@@ -397,11 +420,11 @@ def gap_jacobian_tau_per_trial(files, model, lr, direction):
     """Per trial: the sign of tau(gap, Jacobian) over the batch sizes at one lr (x direction). The
     means: tau over the batches' three-trial means; the spread: as in rises_with_batch, in both
     quantities (the relation's sign where both ends are apart)."""
-    batches, value = batch_cells(files, model, lr)
+    batches, trials, value = batch_cells(files, model, lr)
     column = lambda t, q: [value(b, t, q) for b in batches]
-    signs = [direction * sign(kendall(column(t, "gap"), column(t, "jacobian"))) for t in range(3)]
-    means = [[mean(value(b, t, q) for t in range(3)) for b in batches] for q in ("gap", "jacobian")]
-    ends = [apart(*[[value(b, t, q) for t in range(3)] for b in (batches[0], batches[-1])])
+    signs = [direction * sign(kendall(column(t, "gap"), column(t, "jacobian"))) for t in trials]
+    means = [[mean(value(b, t, q) for t in trials) for b in batches] for q in ("gap", "jacobian")]
+    ends = [apart(*[[value(b, t, q) for t in trials] for b in (batches[0], batches[-1])])
             for q in ("gap", "jacobian")]
     return {(model, lr): Setting(signs, direction * ends[0] * ends[1], direction * sign(kendall(*means)))}
 
@@ -410,11 +433,27 @@ def gap_jacobian_tau_per_trial(files, model, lr, direction):
 
 
 def correlation_groups(files):
-    """(file, group, key, taus) for each group of the correlations files, pooled and per lr."""
+    """(file, group, key, taus) for each group of the correlations files, pooled and per lr. A
+    runs file or run folder is one group ("cells"), its taus computed here over its finished cells
+    as the sweeps' correlations files compute them."""
     for name in files:
-        for group, taus in load(name).items():
+        data = load(name)
+        for group, taus in ({"cells": run_taus(data)} if isinstance(data, list) else data).items():
             for key, t in [("pooled", taus)] + sorted(taus.get("per_lr", {}).items()):
                 yield name, group, key, t
+
+
+def run_taus(runs_):
+    """{"tau_gap_<q>": Kendall tau of the gap against q} over the finished cells, pooled and
+    "per_lr"."""
+    done = [r for r in runs_ if r["result"]["status"] == "finished"]
+
+    def taus(cells):
+        return {f"tau_gap_{q}": kendall([r["result"]["gap"] for r in cells], [r["result"][q] for r in cells])
+                for q in ("jacobian", "sharpness")}
+    lrs = sorted({r["config"]["lr"] for r in done})
+    per_lr = {str(lr): taus([r for r in done if r["config"]["lr"] == lr]) for lr in lrs} if len(lrs) > 1 else {}
+    return {**taus(done), "per_lr": per_lr}
 
 
 @check
@@ -659,3 +698,101 @@ def ansatz_tau_positive(files):
     positive. The checkpoints' values are not committed, so there are no means to compare."""
     return {key: Setting([sign(r["ansatz_tau"]) for r in g["runs"]], None, None)
             for key, g in theory_groups(files)}
+
+
+# ----------------------------------------------------------------------------- the scale ladder
+# A Section 6 row's "ladder" (plots/claims_checks.json) applies the row's check, unchanged, at each
+# rung of plots/ladder.py: {"args": the check's arguments there (default the row's), "rungs":
+# [{"label", "files", optional "args", optional "cells": the rung's grid size}, bottom first]}. A
+# rung is judged once every cell of its grid has finished; the ledger's row then quotes the rung's
+# verdict, units and medians, and the trend from the bottom rung to the highest judged one.
+
+RANK = {"contradicted": 0, "not reproduced": 1, "partially reproduced": 2, "reproduced": 3}
+
+
+def rung_cells(rung):
+    """The finished cells of a rung (its files' runs)."""
+    return [r for r in runs(rung["files"]) if r["result"]["status"] == "finished"]
+
+
+def rung_complete(rung):
+    return "cells" not in rung or len(rung_cells(rung)) >= rung["cells"]
+
+
+def rung_settings(spec, rung):
+    args = {**spec.get("args", {}), **spec["ladder"].get("args", {}), **rung.get("args", {})}
+    return CHECKS[spec["check"]](rung["files"], **args)
+
+
+def rung_summary(spec, rung):
+    """{"verdict", "plus": units with +, "units", "test_accuracy", "train_loss" (medians over the
+    rung's finished cells)} of a complete rung; {"finished", "cells"} of one in progress."""
+    cells = rung_cells(rung)
+    if not rung_complete(rung):
+        return {"finished": len(cells), "cells": rung["cells"]}
+    settings = rung_settings(spec, rung)
+    signs = [x for g in settings.values() for x in g.signs]
+    return {"verdict": mechanical_verdict(settings, spec.get("existential", False), spec.get("cap")),
+            "plus": sum(x > 0 for x in signs), "units": len(signs),
+            "test_accuracy": statistics.median(r["result"]["test_accuracy"] for r in cells),
+            "train_loss": statistics.median(r["result"]["train_loss"] for r in cells)}
+
+
+def trend(bottom, top):
+    """"toward the paper" where the top rung's verdict ranks higher (reproduced > partially >
+    not reproduced > contradicted), or ranks the same with a larger share of + units; "away from
+    the paper" for the reverse; else "flat"."""
+    key = lambda s: (RANK[s["verdict"]], s["plus"] / s["units"])
+    return "toward the paper" if key(top) > key(bottom) else "away from the paper" if key(top) < key(bottom) else "flat"
+
+
+def ladder_sentence(spec):
+    """The ledger's sentence for a row's ladder: each rung's verdict (or progress) and the trend."""
+    parts, judged = [], []
+    for rung in spec["ladder"]["rungs"]:
+        s = rung_summary(spec, rung)
+        if "verdict" in s:
+            judged.append((rung["label"], s))
+            parts.append(f"{rung['label']}: {s['verdict']} ({s['plus']} of {s['units']} units +; median test "
+                         f"accuracy {s['test_accuracy']:.2f}, training loss {s['train_loss']:.2g})")
+        else:
+            parts.append(f"{rung['label']}: in progress ({s['finished']} of {s['cells']} cells)")
+    text = "Ladder ([rungs](README.md#ladder)): " + "; ".join(parts) + "."
+    if len(judged) > 1:
+        text += f" Trend ({judged[0][0]} -> {judged[-1][0]}): {trend(judged[0][1], judged[-1][1])}."
+    return text
+
+
+def top_rung_verdict(spec):
+    """The verdict of a row's top rung once it is complete, else None."""
+    top = spec["ladder"]["rungs"][-1]
+    return rung_summary(spec, top)["verdict"] if rung_complete(top) else None
+
+
+def updated_ledger(text, specs):
+    """The ledger's text with each laddered row's evidence ending in its current ladder sentence
+    (an older one replaced): `python tests/claims_checks.py --update-ledger` after cells land."""
+    ladders = {str(spec["row"]): ladder_sentence(spec) for spec in specs["rows"] if "ladder" in spec}
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if line.startswith("| ") and cells and cells[0] in ladders:
+            evidence = re.sub(r" ?Ladder \(\[rungs\]\(README\.md#ladder\)\): .*$", "", cells[5])
+            cells[5] = f"{evidence} {ladders[cells[0]]}"
+            lines[i] = "| " + " | ".join(cells) + " |"
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Print the ladder sentences of plots/CLAIMS.md's rows.")
+    parser.add_argument("--update-ledger", action="store_true",
+                        help="rewrite them in place: each laddered row's evidence ends with its sentence")
+    specs_ = json.loads((PLOTS / "claims_checks.json").read_text())
+    ledger = PLOTS / "CLAIMS.md"
+    if parser.parse_args().update_ledger:
+        ledger.write_text(updated_ledger(ledger.read_text(), specs_))
+    else:
+        for spec in specs_["rows"]:
+            if "ladder" in spec:
+                print(f"row {spec['row']}: {ladder_sentence(spec)}")
