@@ -705,7 +705,9 @@ def ansatz_tau_positive(files):
 # rung of plots/ladder.py: {"args": the check's arguments there (default the row's), "rungs":
 # [{"label", "files", optional "args", optional "cells": the rung's grid size}, bottom first]}. A
 # rung is judged once every cell of its grid has finished; the ledger's row then quotes the rung's
-# verdict, units and medians, and the trend from the bottom rung to the highest judged one.
+# verdict, units and medians, and the trend from the bottom rung to the highest judged one. A
+# ladder with "confound": "training loss" applies the row's cap only at rungs where the training
+# loss ranks the gaps at least as well as the Jacobian norm (Kendall tau over the rung's cells).
 
 RANK = {"contradicted": 0, "not reproduced": 1, "partially reproduced": 2, "reproduced": 3}
 
@@ -732,10 +734,18 @@ def rung_summary(spec, rung):
         return {"finished": len(cells), "cells": rung["cells"]}
     settings = rung_settings(spec, rung)
     signs = [x for g in settings.values() for x in g.signs]
-    return {"verdict": mechanical_verdict(settings, spec.get("existential", False), spec.get("cap")),
-            "plus": sum(x > 0 for x in signs), "units": len(signs),
-            "test_accuracy": statistics.median(r["result"]["test_accuracy"] for r in cells),
-            "train_loss": statistics.median(r["result"]["train_loss"] for r in cells)}
+    out = {"plus": sum(x > 0 for x in signs), "units": len(signs),
+           "test_accuracy": statistics.median(r["result"]["test_accuracy"] for r in cells),
+           "train_loss": statistics.median(r["result"]["train_loss"] for r in cells)}
+    cap = spec.get("cap")
+    if spec["ladder"].get("confound") == "training loss":
+        # The row's cap is the confound of networks stopped far from a minimum: it applies at a
+        # rung where how far a cell trained ranks the gaps at least as well as the Jacobian does.
+        gap = [r["result"]["gap"] for r in cells]
+        out["tau_loss"] = kendall(gap, [-r["result"]["train_loss"] for r in cells])
+        out["tau_jacobian"] = kendall(gap, [r["result"]["jacobian"] for r in cells])
+        cap = cap if out["tau_loss"] >= out["tau_jacobian"] else None
+    return {"verdict": mechanical_verdict(settings, spec.get("existential", False), cap), **out}
 
 
 def trend(bottom, top):
@@ -753,8 +763,12 @@ def ladder_sentence(spec):
         s = rung_summary(spec, rung)
         if "verdict" in s:
             judged.append((rung["label"], s))
+            confound = "" if "tau_loss" not in s else (
+                f"; tau(gap, -training loss) {s['tau_loss']:.2f} "
+                + (">= tau(gap, Jacobian) {:.2f}: the confound caps it" if s["tau_loss"] >= s["tau_jacobian"]
+                   else "< tau(gap, Jacobian) {:.2f}: no confound cap").format(s["tau_jacobian"]))
             parts.append(f"{rung['label']}: {s['verdict']} ({s['plus']} of {s['units']} units +; median test "
-                         f"accuracy {s['test_accuracy']:.2f}, training loss {s['train_loss']:.2g})")
+                         f"accuracy {s['test_accuracy']:.2f}, training loss {s['train_loss']:.2g}{confound})")
         else:
             parts.append(f"{rung['label']}: in progress ({s['finished']} of {s['cells']} cells)")
     text = "Ladder ([rungs](README.md#ladder)): " + "; ".join(parts) + "."
