@@ -605,7 +605,9 @@ def quantile(values, q):
 def penalty_lowers_gap_sharpness_stays(files, strength, floor):
     """Per (lr, trial): the Jacobian penalty at `strength` against none lowers the gap while the
     sharpness ends at >= `floor` of its value without it ("stays or rises"); - where the gap rises."""
-    cells = by(runs(files), "lr", "jacobian_penalty", "trial")
+    # A run folder's lambda = 0 cell has no jacobian_penalty in its config (the runs files add it).
+    cells = {(r["config"]["lr"], r["config"].get("jacobian_penalty", 0.0), r["config"]["trial"]): r
+             for r in runs(files)}
     out = {}
     for lr in sorted({k[0] for k in cells}):
         trials = sorted(k[2] for k in cells if k[:2] == (lr, 0.0))
@@ -707,14 +709,16 @@ def ansatz_tau_positive(files):
 # rung is judged once every cell of its grid has finished; the ledger's row then quotes the rung's
 # verdict, units and medians, and the trend from the bottom rung to the highest judged one. A
 # ladder with "confound": "training loss" applies the row's cap only at rungs where the training
-# loss ranks the gaps at least as well as the Jacobian norm (Kendall tau over the rung's cells).
+# loss ranks the gaps at least as well as the Jacobian norm (Kendall tau over the rung's cells);
+# "confound": "unmatched" applies it unless every penalised cell reached matched training loss.
 
 RANK = {"contradicted": 0, "not reproduced": 1, "partially reproduced": 2, "reproduced": 3}
 
 
 def rung_cells(rung):
-    """The finished cells of a rung (its files' runs)."""
-    return [r for r in runs(rung["files"]) if r["result"]["status"] == "finished"]
+    """The finished cells of a rung (its files' runs; a rung in progress may have no folder yet)."""
+    files = [f for f in rung["files"] if "cells" not in rung or (PLOTS / f.partition("?")[0]).exists()]
+    return [r for r in runs(files) if r["result"]["status"] == "finished"]
 
 
 def rung_complete(rung):
@@ -745,6 +749,12 @@ def rung_summary(spec, rung):
         out["tau_loss"] = kendall(gap, [-r["result"]["train_loss"] for r in cells])
         out["tau_jacobian"] = kendall(gap, [r["result"]["jacobian"] for r in cells])
         cap = cap if out["tau_loss"] >= out["tau_jacobian"] else None
+    if spec["ladder"].get("confound") == "unmatched":
+        # The row's cap is the penalty's raised training loss: it applies at a rung unless every
+        # penalised cell trained on until its clean training loss matched its lambda = 0 cell's.
+        penalised = [r["result"] for r in cells if r["config"].get("jacobian_penalty", 0.0) > 0]
+        out["matched"] = sum(bool(r.get("matched")) for r in penalised), len(penalised)
+        cap = cap if out["matched"][0] < len(penalised) else None
     return {"verdict": mechanical_verdict(settings, spec.get("existential", False), cap), **out}
 
 
@@ -767,6 +777,9 @@ def ladder_sentence(spec):
                 f"; tau(gap, -training loss) {s['tau_loss']:.2f} "
                 + (">= tau(gap, Jacobian) {:.2f}: the confound caps it" if s["tau_loss"] >= s["tau_jacobian"]
                    else "< tau(gap, Jacobian) {:.2f}: no confound cap").format(s["tau_jacobian"]))
+            if "matched" in s:
+                confound = (f"; {s['matched'][0]} of {s['matched'][1]} penalised cells at matched training loss"
+                            + (": no confound cap" if s["matched"][0] == s["matched"][1] else ": the confound caps it"))
             parts.append(f"{rung['label']}: {s['verdict']} ({s['plus']} of {s['units']} units +; median test "
                          f"accuracy {s['test_accuracy']:.2f}, training loss {s['train_loss']:.2g}{confound})")
         else:
