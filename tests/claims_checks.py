@@ -800,6 +800,8 @@ def updated_ledger(text, specs):
     """The ledger's text with each laddered row's evidence ending in its current ladder sentence
     (an older one replaced): `python tests/claims_checks.py --update-ledger` after cells land."""
     ladders = {str(spec["row"]): ladder_sentence(spec) for spec in specs["rows"] if "ladder" in spec}
+    ladders.update({row: f"Ladder ([rungs](README.md#ladder)): not on it: {why}."
+                    for row, why in specs.get("not_on_ladder", {}).items()})
     lines = text.splitlines()
     for i, line in enumerate(lines):
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]

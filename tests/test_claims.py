@@ -181,6 +181,10 @@ def test_the_ladder_sentences_are_current():
     assert updated_ledger(text, specs()) == text
     laddered = [spec for spec in specs()["rows"] if "ladder" in spec]
     assert {spec["row"] for spec in laddered} >= {*range(7, 23), 46, 48, 50, 51}
+    # every Section 6 row (7-23, 46-51) is on the ladder or says why not
+    assert {spec["row"] for spec in laddered} | {int(n) for n in specs()["not_on_ladder"]} == {*range(7, 24), *range(46, 52)}
+    for n in specs()["not_on_ladder"]:
+        assert "Ladder ([rungs](README.md#ladder)): not on it: " in rows()[int(n) - 1][5], n
     for spec in laddered:
         assert ladder_sentence(spec) in rows()[spec["row"] - 1][5], spec["row"]
         assert "cells" not in spec["ladder"]["rungs"][0], spec["row"]  # the bottom rung: the ledger's runs
