@@ -715,14 +715,16 @@ def ansatz_tau_positive(files):
 RANK = {"contradicted": 0, "not reproduced": 1, "partially reproduced": 2, "reproduced": 3}
 
 
-def rung_cells(rung):
-    """The finished cells of a rung (its files' runs; a rung in progress may have no folder yet)."""
+def rung_cells(rung, statuses=("finished",)):
+    """The cells of a rung that ended with one of `statuses` (its files' runs; a rung in progress
+    may have no folder yet)."""
     files = [f for f in rung["files"] if "cells" not in rung or (PLOTS / f.partition("?")[0]).exists()]
-    return [r for r in runs(files) if r["result"]["status"] == "finished"]
+    return [r for r in runs(files) if r["result"]["status"] in statuses]
 
 
 def rung_complete(rung):
-    return "cells" not in rung or len(rung_cells(rung)) >= rung["cells"]
+    """Every cell of the rung's grid has ended (a diverged cell counts: it is a result)."""
+    return "cells" not in rung or len(rung_cells(rung, ("finished", "diverged"))) >= rung["cells"]
 
 
 def rung_settings(spec, rung):
@@ -735,7 +737,7 @@ def rung_summary(spec, rung):
     rung's finished cells)} of a complete rung; {"finished", "cells"} of one in progress."""
     cells = rung_cells(rung)
     if not rung_complete(rung):
-        return {"finished": len(cells), "cells": rung["cells"]}
+        return {"finished": len(rung_cells(rung, ("finished", "diverged"))), "cells": rung["cells"]}
     settings = rung_settings(spec, rung)
     signs = [x for g in settings.values() for x in g.signs]
     out = {"plus": sum(x > 0 for x in signs), "units": len(signs),
