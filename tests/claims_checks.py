@@ -113,15 +113,19 @@ def threshold(values, limits):
 def load(name):
     """A committed results file, or the runs of a folder of committed run folders (each with
     config.json, metrics.json and result.json: a rung of the scale ladder), read once; the checks
-    do not modify what it returns. A name may end in `?key=value&...` (values in JSON): only the
-    runs whose config has those values."""
+    do not modify what it returns. A name may end in `?key=value&...` (values in JSON; a list:
+    any of its values): only the runs whose config has those values."""
     path, _, query = name.partition("?")
     if (PLOTS / path).is_dir():
         data = [folder_run(d) for d in sorted((PLOTS / path).iterdir()) if (d / "result.json").exists()]
+        configs = [json.dumps(r["config"], sort_keys=True) for r in data]
+        if len(set(configs)) < len(configs):  # a rerun beside its first run: which one counts?
+            raise ValueError(f"{path}: two run folders with the same config")
     else:
         data = json.loads((PLOTS / path).read_text())
     where = {k: json.loads(v) for k, v in (item.split("=", 1) for item in query.split("&") if item)}
-    return [r for r in data if all(r["config"].get(k) == v for k, v in where.items())] if where else data
+    matches = lambda value, wanted: value in wanted if isinstance(wanted, list) else value == wanted
+    return [r for r in data if all(matches(r["config"].get(k), v) for k, v in where.items())] if where else data
 
 
 def folder_run(folder):
@@ -343,12 +347,13 @@ def logits_grow_past_softmax_peak(files, smoothings):
 
 
 @check
-def against_none(files, key, quantity, direction, within=("lr",), none=0.0, where=None):
-    """Per (group, value of `key` other than `none`) and trial: the quantity without the
-    regulariser above (direction +1) or below (-1) its value with it."""
+def against_none(files, key, quantity, direction, within=("lr",), none=0.0, where=None, values=None):
+    """Per (group, value of `key` other than `none`, among `values` if given) and trial: the
+    quantity without the regulariser above (direction +1) or below (-1) its value with it."""
     out = {}
     cells = by(runs(files, where), *within, key, "trial")
-    for group, value in sorted({(k[:-2], k[-2]) for k in cells if k[-2] != none}, key=str):
+    for group, value in sorted({(k[:-2], k[-2]) for k in cells if k[-2] != none
+                                and (values is None or k[-2] in values)}, key=str):
         trials = sorted(k[-1] for k in cells if k[:-1] == (*group, value))
         without = [direction * cells[(*group, none, t)]["result"][quantity] for t in trials]
         with_ = [direction * cells[(*group, value, t)]["result"][quantity] for t in trials]
@@ -433,12 +438,18 @@ def gap_jacobian_tau_per_trial(files, model, lr, direction):
 
 
 def correlation_groups(files):
-    """(file, group, key, taus) for each group of the correlations files, pooled and per lr. A
-    runs file or run folder is one group ("cells"), its taus computed here over its finished cells
-    as the sweeps' correlations files compute them."""
+    """(file, group, key, taus) for each group of the correlations files, pooled and per lr. For a
+    runs file or run folder the groups and taus are computed here as the sweeps' correlations files
+    have them: a regulariser sweep's runs, a group per sweep (`sweep_cells`); others, one group."""
     for name in files:
         data = load(name)
-        for group, taus in ({"cells": run_taus(data)} if isinstance(data, list) else data).items():
+        if isinstance(data, list):
+            members = {}
+            for run in data:
+                for group in (sweep_cells(run) if "sam_rho" in run["config"] else ["cells"]):
+                    members.setdefault(group, []).append(run)
+            data = {group: run_taus(cells) for group, cells in members.items()}
+        for group, taus in data.items():
             for key, t in [("pooled", taus)] + sorted(taus.get("per_lr", {}).items()):
                 yield name, group, key, t
 
@@ -723,8 +734,10 @@ def rung_cells(rung, statuses=("finished",)):
 
 
 def rung_complete(rung):
-    """Every cell of the rung's grid has ended (a diverged cell counts: it is a result)."""
-    return "cells" not in rung or len(rung_cells(rung, ("finished", "diverged"))) >= rung["cells"]
+    """Every cell of the rung's grid has finished (distinct configs; a rung with a diverged cell
+    is not judged: the checks compare finished cells)."""
+    return "cells" not in rung or len({json.dumps(r["config"], sort_keys=True)
+                                       for r in rung_cells(rung)}) >= rung["cells"]
 
 
 def rung_settings(spec, rung):
@@ -737,10 +750,13 @@ def rung_summary(spec, rung):
     rung's finished cells)} of a complete rung; {"finished", "cells"} of one in progress."""
     cells = rung_cells(rung)
     if not rung_complete(rung):
-        return {"finished": len(rung_cells(rung, ("finished", "diverged"))), "cells": rung["cells"]}
+        return {"finished": len(cells), "diverged": len(rung_cells(rung, ("diverged",))), "cells": rung["cells"]}
     settings = rung_settings(spec, rung)
     signs = [x for g in settings.values() for x in g.signs]
+    if not signs:
+        raise ValueError(f"row {spec['row']}, {rung['label']}: the check found no units")
     out = {"plus": sum(x > 0 for x in signs), "units": len(signs),
+           "short": sum(r["result"].get("reached_target") is False for r in cells),
            "test_accuracy": statistics.median(r["result"]["test_accuracy"] for r in cells),
            "train_loss": statistics.median(r["result"]["train_loss"] for r in cells)}
     cap = spec.get("cap")
@@ -768,6 +784,22 @@ def trend(bottom, top):
     return "toward the paper" if key(top) > key(bottom) else "away from the paper" if key(top) < key(bottom) else "flat"
 
 
+def rung_notes(s):
+    """What qualifies a judged rung's verdict: the cap's test, cells short of their target."""
+    notes = []
+    if "tau_loss" in s:
+        applies = s["tau_loss"] >= s["tau_jacobian"]
+        notes.append(f"tau(gap, -training loss) {s['tau_loss']:.2f} {'>=' if applies else '<'} tau(gap, Jacobian) "
+                     f"{s['tau_jacobian']:.2f}: {'the confound cap applies' if applies else 'no confound cap'}")
+    if "matched" in s:
+        applies = s["matched"][0] < s["matched"][1]
+        notes.append(f"{s['matched'][0]} of {s['matched'][1]} penalised cells at matched training loss: "
+                     f"{'the confound cap applies' if applies else 'no confound cap'}")
+    if s["short"]:
+        notes.append(f"{s['short']} cells stopped short of the loss target")
+    return notes
+
+
 def ladder_sentence(spec):
     """The ledger's sentence for a row's ladder: each rung's verdict (or progress) and the trend."""
     parts, judged = [], []
@@ -775,17 +807,12 @@ def ladder_sentence(spec):
         s = rung_summary(spec, rung)
         if "verdict" in s:
             judged.append((rung["label"], s))
-            confound = "" if "tau_loss" not in s else (
-                f"; tau(gap, -training loss) {s['tau_loss']:.2f} "
-                + (">= tau(gap, Jacobian) {:.2f}: the confound caps it" if s["tau_loss"] >= s["tau_jacobian"]
-                   else "< tau(gap, Jacobian) {:.2f}: no confound cap").format(s["tau_jacobian"]))
-            if "matched" in s:
-                confound = (f"; {s['matched'][0]} of {s['matched'][1]} penalised cells at matched training loss"
-                            + (": no confound cap" if s["matched"][0] == s["matched"][1] else ": the confound caps it"))
-            parts.append(f"{rung['label']}: {s['verdict']} ({s['plus']} of {s['units']} units +; median test "
-                         f"accuracy {s['test_accuracy']:.2f}, training loss {s['train_loss']:.2g}{confound})")
+            details = [f"{s['plus']} of {s['units']} units +", f"median test accuracy {s['test_accuracy']:.2f}, "
+                       f"training loss {s['train_loss']:.2g}", *rung_notes(s)]
+            parts.append(f"{rung['label']}: {s['verdict']} ({'; '.join(details)})")
         else:
-            parts.append(f"{rung['label']}: in progress ({s['finished']} of {s['cells']} cells)")
+            diverged = f", {s['diverged']} diverged" if s["diverged"] else ""
+            parts.append(f"{rung['label']}: in progress ({s['finished']} of {s['cells']} cells{diverged})")
     text = "Ladder ([rungs](README.md#ladder)): " + "; ".join(parts) + "."
     if len(judged) > 1:
         text += f" Trend ({judged[0][0]} -> {judged[-1][0]}): {trend(judged[0][1], judged[-1][1])}."

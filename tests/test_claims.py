@@ -7,8 +7,10 @@ import json
 import re
 from pathlib import Path
 
-from claims_checks import (CHECKS, Setting, ladder_sentence, load, mechanical_verdict, rung_summary,
-                           top_rung_verdict, trend, updated_ledger)
+import pytest
+
+from claims_checks import (CHECKS, Setting, correlation_groups, ladder_sentence, load,
+                           mechanical_verdict, rung_summary, top_rung_verdict, trend, updated_ledger)
 
 ROOT = Path(__file__).resolve().parent.parent
 PLOTS = ROOT / "plots"
@@ -135,7 +137,7 @@ def test_verdicts_obey_the_standard():
         # A Section 6 row's verdict is its ladder's top rung's once that rung is complete.
         expected = "ladder" in spec and top_rung_verdict(spec) or expected
         assert verdict_of(row[-1]) == expected, (spec["row"], verdict_of(row[-1]), expected)
-        if spec.get("cap"):
+        if spec.get("cap") and not ("ladder" in spec and top_rung_verdict(spec)):
             assert "caps" in row[5] + row[-1], (spec["row"], "the row does not say what caps it")
 
 
@@ -207,4 +209,25 @@ def test_the_ladder_rules():
     # a rung short of its grid is not judged
     spec = next(s for s in specs()["rows"] if s["row"] == 7)
     rung = {**spec["ladder"]["rungs"][1], "cells": 10 ** 6}
-    assert set(rung_summary(spec, rung)) == {"finished", "cells"}
+    assert set(rung_summary(spec, rung)) == {"finished", "diverged", "cells"}
+    # a list in a query keeps the runs with any of its values
+    assert {r["config"]["batch_size"] for r in load("batch_lr/three_trials/fig12_fig16_runs.json?batch_size=[32,256]")} == {32, 256}
+    # a regulariser sweep's runs give a correlation group per sweep, as its correlations file does
+    assert sorted({g for _, g, _, _ in correlation_groups(["train_regularisers/fig21_runs.json?lr=0.1"])}) == sorted(
+        ["weight_decay", "smoothing", "mixup_beta", "augment_p", "sam_rho"])
+
+
+def test_a_rung_folder_with_two_runs_of_one_config_is_refused(tmp_path, monkeypatch):
+    import claims_checks
+    for name in ("a", "b"):
+        (tmp_path / "rung" / name).mkdir(parents=True)
+        for file, content in (("config.json", {"config": {"lr": 0.1, "trial": 0}}), ("metrics.json", []),
+                              ("result.json", {"status": "finished"})):
+            (tmp_path / "rung" / name / file).write_text(json.dumps(content))
+    monkeypatch.setattr(claims_checks, "PLOTS", tmp_path)
+    claims_checks.load.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="same config"):
+            claims_checks.load("rung")
+    finally:
+        claims_checks.load.cache_clear()
