@@ -741,13 +741,16 @@ def rung_complete(rung):
 
 
 def rung_settings(spec, rung):
+    """The row's check on the rung's files, with the row's, the ladder's and the rung's args."""
     args = {**spec.get("args", {}), **spec["ladder"].get("args", {}), **rung.get("args", {})}
     return CHECKS[spec["check"]](rung["files"], **args)
 
 
 def rung_summary(spec, rung):
-    """{"verdict", "plus": units with +, "units", "test_accuracy", "train_loss" (medians over the
-    rung's finished cells)} of a complete rung; {"finished", "cells"} of one in progress."""
+    """{"verdict", "plus": units with +, "units", "short": cells short of their loss target,
+    "test_accuracy", "train_loss" (medians over the finished cells), and the cap's test
+    ("tau_loss" and "tau_jacobian", or "matched")} of a complete rung; {"finished", "diverged",
+    "cells"} of one in progress."""
     cells = rung_cells(rung)
     if not rung_complete(rung):
         return {"finished": len(cells), "diverged": len(rung_cells(rung, ("diverged",))), "cells": rung["cells"]}
