@@ -382,11 +382,11 @@ def collapses_against_earlier(files, quantity, fraction, where, within=("lr",)):
 def lower_at_larger_lr(files, quantities):
     """Per (network, batch, trial): each quantity at lr 0.1 below its value at lr 0.01."""
     cells = by(runs(files), "model", "batch_size", "lr", "trial")
+    trials = trials_of(cells)
     out = {}
     for quantity in quantities:
         for model, batch in sorted({k[:2] for k in cells}):
             value = lambda lr, t: cells[model, batch, lr, t]["result"][quantity]
-            trials = trials_of(cells)
             out[quantity, model, batch] = pairwise([value(0.01, t) for t in trials],
                                                    [value(0.1, t) for t in trials])
     return out
@@ -733,11 +733,11 @@ def rung_cells(rung, statuses=("finished",)):
     return [r for r in runs(files) if r["result"]["status"] in statuses]
 
 
-def rung_complete(rung):
+def rung_complete(rung, cells=None):
     """Every cell of the rung's grid has finished (distinct configs; a rung with a diverged cell
-    is not judged: the checks compare finished cells)."""
-    return "cells" not in rung or len({json.dumps(r["config"], sort_keys=True)
-                                       for r in rung_cells(rung)}) >= rung["cells"]
+    is not judged: the checks compare finished cells). `cells`: its finished cells, if read."""
+    cells = rung_cells(rung) if cells is None else cells
+    return "cells" not in rung or len({json.dumps(r["config"], sort_keys=True) for r in cells}) >= rung["cells"]
 
 
 def rung_settings(spec, rung):
@@ -752,7 +752,7 @@ def rung_summary(spec, rung):
     ("tau_loss" and "tau_jacobian", or "matched")} of a complete rung; {"finished", "diverged",
     "cells"} of one in progress."""
     cells = rung_cells(rung)
-    if not rung_complete(rung):
+    if not rung_complete(rung, cells):
         return {"finished": len(cells), "diverged": len(rung_cells(rung, ("diverged",))), "cells": rung["cells"]}
     settings = rung_settings(spec, rung)
     signs = [x for g in settings.values() for x in g.signs]
