@@ -19,6 +19,11 @@ else; B.2's batch 128; both at lr 0.1) at every width and number of images tried
 minutes (training and the end-of-training measurements, one thread): the table each rung's
 width was chosen from.
 
+And it tabulates the Jacobian penalty at the top rung (ledger row 46), cell by cell: each
+penalised cell trained on until its clean training loss matched its lambda = 0 cell's, so the
+table gives the training loss and test accuracy beside the gap, Jacobian norm and sharpness at
+that point, and the same at the end of the shared schedule (before matching).
+
 The rungs' commands are in plots/README.md ("The scale ladder"). A rung is a committed runs
 file (`*_runs.json`) or a folder of committed run folders (config.json, metrics.json,
 result.json each); a rung not committed yet is skipped.
@@ -58,6 +63,8 @@ WIDTH_TABLE = {
     "batch/lr": ([p for sweep, paths in LADDER.items() if sweep.startswith("batch/lr") for p in paths],
                  {"lr": 0.1, "batch_size": 128}),
 }
+# The Jacobian penalty's rung (ledger row 46); its lambda = 0 cells carry no jacobian_penalty key.
+PENALTY = "train_regularisers/ladder/penalty_n50000"
 MIN_CELLS = 6  # a rung's taus are drawn and tabulated from this many cells at lr 0.1 on
 TRAIN_SPLIT = 50_000  # CIFAR-10's training split: a cell with train_size None used all of it
 
@@ -68,7 +75,7 @@ def parse_args(argv=None):
     parser.add_argument("--root", type=Path, default=PLOTS, help="where the rungs are (plots/)")
     parser.add_argument("--out", type=Path, default=PLOTS / "ladder", help="folder of the figure and JSON")
     parser.add_argument("--update-readme", action="store_true",
-                        help="also replace the two tables in plots/README.md by the fresh ones")
+                        help="also replace the three tables in plots/README.md by the fresh ones")
     return parser.parse_args(argv)
 
 
@@ -140,6 +147,41 @@ def width_table(root):
             for (sweep, model, w, n, e), results in sorted(groups.items(), key=lambda g: g[0][:4])]
 
 
+def penalty_table(root):
+    """Rows (lambda, trial, epochs trained, whether matched and its target, then training loss,
+    test accuracy, gap, Jacobian norm, sharpness where the cell stopped, and the training loss,
+    gap, Jacobian norm at the end of the schedule) of the penalty rung's cells, by lambda, trial."""
+    if not (root / PENALTY).exists():
+        return []
+    rows = []
+    for r in rung_runs(root / PENALTY):
+        c, res = r["config"], r["result"]
+        rows.append({"lambda": c.get("jacobian_penalty", 0.0), "trial": c["trial"],
+                     "status": res["status"], "epochs": res.get("epochs_trained", c["epochs"]),
+                     "matched": res.get("matched"), "target": res.get("match_target"),
+                     **{k: res.get(k, math.nan) for k in
+                        ("train_loss", "test_accuracy", "gap", "jacobian", "sharpness")},
+                     **{f"scheduled_{k}": res.get(f"scheduled_{k}", res.get(k, math.nan))
+                        for k in ("train_loss", "gap", "jacobian")}})
+    return sorted(rows, key=lambda row: (row["lambda"], row["trial"]))
+
+
+def penalty_markdown(rows):
+    """The penalty table as markdown (plots/README.md quotes it)."""
+    lines = ["| λ | trial | epochs | matched (target) | train loss | test acc. | gap | Jacobian | sharpness "
+             "| at the schedule's end: train loss / gap / Jacobian |", "|---" * 10 + "|"]
+    for r in rows:
+        if r["status"] != "finished":
+            lines.append(f"| {r['lambda']:g} | {r['trial']} | {r['status']} |" + " |" * 7)
+            continue
+        matched = ("-" if r["matched"] is None
+                   else f"{'yes' if r['matched'] else 'no'} ({r['target']:.3f})")
+        lines.append(f"| {r['lambda']:g} | {r['trial']} | {r['epochs']} | {matched} | {r['train_loss']:.3f} "
+                     f"| {r['test_accuracy']:.3f} | {r['gap']:.3f} | {r['jacobian']:.2f} | {r['sharpness']:.1f} "
+                     f"| {r['scheduled_train_loss']:.3f} / {r['scheduled_gap']:.3f} / {r['scheduled_jacobian']:.2f} |")
+    return "\n".join(lines)
+
+
 def table(data):
     """The ladder as a markdown table (plots/README.md quotes it)."""
     lines = ["| sweep | images | width | epochs | cells (at lr 0.1) | median test acc. | median train loss "
@@ -203,14 +245,17 @@ def plot(data, out):
 
 
 def main(args):
-    data, widths = ladder(args.root), width_table(args.root)
+    data, widths, penalty = ladder(args.root), width_table(args.root), penalty_table(args.root)
     args.out.mkdir(parents=True, exist_ok=True)
-    common.save_json(args.out / "ladder.json", {"ladder": data, "width_table": widths})
-    print(table(data), width_markdown(widths), sep="\n\n")
+    common.save_json(args.out / "ladder.json", {"ladder": data, "width_table": widths, "penalty": penalty})
+    tables = [table(data), width_markdown(widths), penalty_markdown(penalty)]
+    print(*tables, sep="\n\n")
     if args.update_readme:
         readme = args.root / "README.md"
-        common.atomic_write(readme, lambda f: f.write(
-            with_table(with_table(readme.read_text(), table(data)), width_markdown(widths))), mode="w")
+        text = readme.read_text()
+        for t in tables:
+            text = with_table(text, t)
+        common.atomic_write(readme, lambda f: f.write(text), mode="w")
         print(f"updated the tables of {readme}")
     for path in plot(data, args.out):
         print(f"wrote {path}")

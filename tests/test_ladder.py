@@ -83,6 +83,31 @@ def test_diverged_cells_are_counted_but_not_ranked(tmp_path, monkeypatch):
     assert rung["tau_jacobian"] == pytest.approx(1.0)
 
 
+def test_penalty_table_gives_matched_and_scheduled_values(tmp_path, monkeypatch):
+    # A lambda = 0 cell (no jacobian_penalty key, as a run folder saves it), a penalised cell that
+    # trained 3 epochs past its schedule to reach the target, and one that diverged.
+    base = cell(0.1, 0, 0.5, 6.0, 9.0, 9.0)
+    base["config"]["epochs"] = 15
+    base["result"].update(train_loss=0.25, test_accuracy=0.77)
+    matched = cell(0.1, 0, 0.4, 2.0, 10.0, 10.0)
+    matched["config"].update(epochs=15, jacobian_penalty=1.0, match_train_loss=True)
+    matched["result"].update(train_loss=0.24, test_accuracy=0.78, epochs_trained=18, matched=True,
+                             match_target=0.25, scheduled_train_loss=0.4, scheduled_gap=0.3,
+                             scheduled_jacobian=1.5)
+    diverged = cell(0.1, 1, math.nan, math.nan, math.nan, math.nan, status="diverged")
+    diverged["config"].update(epochs=15, jacobian_penalty=0.3)
+    write_run_folders(tmp_path / "penalty", [matched, diverged, base])
+    monkeypatch.setattr(ladder, "PENALTY", "penalty")
+    rows = ladder.penalty_table(tmp_path)
+    assert [(r["lambda"], r["trial"]) for r in rows] == [(0.0, 0), (0.3, 1), (1.0, 0)]
+    assert rows[0]["matched"] is None and rows[0]["scheduled_gap"] == pytest.approx(0.5)
+    lines = ladder.penalty_markdown(rows).splitlines()
+    assert lines[2] == "| 0 | 0 | 15 | - | 0.250 | 0.770 | 0.500 | 6.00 | 9.0 | 0.250 / 0.500 / 6.00 |"
+    assert lines[3] == "| 0.3 | 1 | diverged |" + " |" * 7
+    assert lines[4] == "| 1 | 0 | 18 | yes (0.250) | 0.240 | 0.780 | 0.400 | 2.00 | 10.0 | 0.400 / 0.300 / 1.50 |"
+    assert ladder.penalty_table(tmp_path / "absent") == []
+
+
 def plain(value):
     """value with NaN as None (as saved JSON holds it), so two ladders compare with ==."""
     if isinstance(value, dict):
@@ -94,7 +119,9 @@ def plain(value):
 
 def test_committed_ladder_matches_the_committed_rungs():
     saved = json.loads((REPO / "plots" / "ladder" / "ladder.json").read_text())
-    fresh = {"ladder": ladder.ladder(REPO / "plots"), "width_table": ladder.width_table(REPO / "plots")}
+    root = REPO / "plots"
+    fresh = {"ladder": ladder.ladder(root), "width_table": ladder.width_table(root),
+             "penalty": ladder.penalty_table(root)}
     assert plain(fresh) == plain(saved), "plots/ladder/ladder.json is stale: rerun python plots/ladder.py"
 
 
@@ -109,3 +136,4 @@ def test_plots_readme_quotes_the_committed_tables():
     root = REPO / "plots"
     assert ladder.table(ladder.ladder(root)) in readme, "plots/README.md: paste python plots/ladder.py's ladder table"
     assert ladder.width_markdown(ladder.width_table(root)) in readme, "plots/README.md: paste the width table"
+    assert ladder.penalty_markdown(ladder.penalty_table(root)) in readme, "plots/README.md: paste the penalty table"
