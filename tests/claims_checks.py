@@ -11,6 +11,7 @@ correlation) has no three-trial means and no spread, and a claim of possibility 
 import functools
 import itertools
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -110,8 +111,28 @@ def threshold(values, limits):
 
 @functools.lru_cache(maxsize=None)
 def load(name):
-    """A committed results file (read once; the checks do not modify what it returns)."""
-    return json.loads((PLOTS / name).read_text())
+    """A committed results file, or the runs of a folder of committed run folders (each with
+    config.json, metrics.json and result.json: a rung of the scale ladder), read once; the checks
+    do not modify what it returns. A name may end in `?key=value&...` (values in JSON; a list:
+    any of its values): only the runs whose config has those values."""
+    path, _, query = name.partition("?")
+    if (PLOTS / path).is_dir():
+        data = [folder_run(d) for d in sorted((PLOTS / path).iterdir()) if (d / "result.json").exists()]
+        configs = [json.dumps(r["config"], sort_keys=True) for r in data]
+        if len(set(configs)) < len(configs):  # a rerun beside its first run: which one counts?
+            raise ValueError(f"{path}: two run folders with the same config")
+    else:
+        data = json.loads((PLOTS / path).read_text())
+    where = {k: json.loads(v) for k, v in (item.split("=", 1) for item in query.split("&") if item)}
+    matches = lambda value, wanted: value in wanted if isinstance(wanted, list) else value == wanted
+    return [r for r in data if all(matches(r["config"].get(k), v) for k, v in where.items())] if where else data
+
+
+def folder_run(folder):
+    """One committed run folder as a runs-file entry: {"name", "config", "metrics", "result"}."""
+    meta = json.loads((folder / "config.json").read_text())
+    return {"name": folder.name, "config": meta["config"], "result": json.loads((folder / "result.json").read_text()),
+            "metrics": json.loads((folder / "metrics.json").read_text())}
 
 
 def runs(files, where=None):
@@ -123,6 +144,11 @@ def runs(files, where=None):
 
 def by(runs_, *keys):
     return {tuple(run["config"][k] for k in keys): run for run in runs_}
+
+
+def trials_of(cells):
+    """The trials of a `by(..., "trial")` mapping (its keys end in the trial)."""
+    return sorted({k[-1] for k in cells})
 
 
 def grouped(runs_, *keys):
@@ -321,12 +347,13 @@ def logits_grow_past_softmax_peak(files, smoothings):
 
 
 @check
-def against_none(files, key, quantity, direction, within=("lr",), none=0.0, where=None):
-    """Per (group, value of `key` other than `none`) and trial: the quantity without the
-    regulariser above (direction +1) or below (-1) its value with it."""
+def against_none(files, key, quantity, direction, within=("lr",), none=0.0, where=None, values=None):
+    """Per (group, value of `key` other than `none`, among `values` if given) and trial: the
+    quantity without the regulariser above (direction +1) or below (-1) its value with it."""
     out = {}
     cells = by(runs(files, where), *within, key, "trial")
-    for group, value in sorted({(k[:-2], k[-2]) for k in cells if k[-2] != none}, key=str):
+    for group, value in sorted({(k[:-2], k[-2]) for k in cells if k[-2] != none
+                                and (values is None or k[-2] in values)}, key=str):
         trials = sorted(k[-1] for k in cells if k[:-1] == (*group, value))
         without = [direction * cells[(*group, none, t)]["result"][quantity] for t in trials]
         with_ = [direction * cells[(*group, value, t)]["result"][quantity] for t in trials]
@@ -355,12 +382,13 @@ def collapses_against_earlier(files, quantity, fraction, where, within=("lr",)):
 def lower_at_larger_lr(files, quantities):
     """Per (network, batch, trial): each quantity at lr 0.1 below its value at lr 0.01."""
     cells = by(runs(files), "model", "batch_size", "lr", "trial")
+    trials = trials_of(cells)
     out = {}
     for quantity in quantities:
         for model, batch in sorted({k[:2] for k in cells}):
             value = lambda lr, t: cells[model, batch, lr, t]["result"][quantity]
-            out[quantity, model, batch] = pairwise([value(0.01, t) for t in range(3)],
-                                                   [value(0.1, t) for t in range(3)])
+            out[quantity, model, batch] = pairwise([value(0.01, t) for t in trials],
+                                                   [value(0.1, t) for t in trials])
     return out
 
 
@@ -373,7 +401,7 @@ def higher_at_larger_lr(files, quantities):
 
 def batch_cells(files, model, lr):
     cells = by(runs(files, {"model": model, "lr": lr}), "batch_size", "trial")
-    return sorted({b for b, _ in cells}), lambda b, t, q: cells[b, t]["result"][q]
+    return sorted({b for b, _ in cells}), trials_of(cells), lambda b, t, q: cells[b, t]["result"][q]
 
 
 @check
@@ -384,10 +412,10 @@ def rises_with_batch(files, quantity, lrs):
     out = {}
     for model, lr in sorted({(r["config"]["model"], r["config"]["lr"]) for r in runs(files)}):
         if lr in lrs:
-            batches, value = batch_cells(files, model, lr)
-            signs = [sign(kendall(batches, [value(b, t, quantity) for b in batches])) for t in range(3)]
-            ends = [[value(b, t, quantity) for t in range(3)] for b in (batches[0], batches[-1])]
-            means = [mean(value(b, t, quantity) for t in range(3)) for b in batches]
+            batches, trials, value = batch_cells(files, model, lr)
+            signs = [sign(kendall(batches, [value(b, t, quantity) for b in batches])) for t in trials]
+            ends = [[value(b, t, quantity) for t in trials] for b in (batches[0], batches[-1])]
+            means = [mean(value(b, t, quantity) for t in trials) for b in batches]
             out[model, lr] = Setting(signs, apart(*ends), sign(kendall(batches, means)))
     return out
 
@@ -397,11 +425,11 @@ def gap_jacobian_tau_per_trial(files, model, lr, direction):
     """Per trial: the sign of tau(gap, Jacobian) over the batch sizes at one lr (x direction). The
     means: tau over the batches' three-trial means; the spread: as in rises_with_batch, in both
     quantities (the relation's sign where both ends are apart)."""
-    batches, value = batch_cells(files, model, lr)
+    batches, trials, value = batch_cells(files, model, lr)
     column = lambda t, q: [value(b, t, q) for b in batches]
-    signs = [direction * sign(kendall(column(t, "gap"), column(t, "jacobian"))) for t in range(3)]
-    means = [[mean(value(b, t, q) for t in range(3)) for b in batches] for q in ("gap", "jacobian")]
-    ends = [apart(*[[value(b, t, q) for t in range(3)] for b in (batches[0], batches[-1])])
+    signs = [direction * sign(kendall(column(t, "gap"), column(t, "jacobian"))) for t in trials]
+    means = [[mean(value(b, t, q) for t in trials) for b in batches] for q in ("gap", "jacobian")]
+    ends = [apart(*[[value(b, t, q) for t in trials] for b in (batches[0], batches[-1])])
             for q in ("gap", "jacobian")]
     return {(model, lr): Setting(signs, direction * ends[0] * ends[1], direction * sign(kendall(*means)))}
 
@@ -410,11 +438,33 @@ def gap_jacobian_tau_per_trial(files, model, lr, direction):
 
 
 def correlation_groups(files):
-    """(file, group, key, taus) for each group of the correlations files, pooled and per lr."""
+    """(file, group, key, taus) for each group of the correlations files, pooled and per lr. For a
+    runs file or run folder the groups and taus are computed here as the sweeps' correlations files
+    have them: a regulariser sweep's runs, a group per sweep (`sweep_cells`); others, one group."""
     for name in files:
-        for group, taus in load(name).items():
+        data = load(name)
+        if isinstance(data, list):
+            members = {}
+            for run in data:
+                for group in (sweep_cells(run) if "sam_rho" in run["config"] else ["cells"]):
+                    members.setdefault(group, []).append(run)
+            data = {group: run_taus(cells) for group, cells in members.items()}
+        for group, taus in data.items():
             for key, t in [("pooled", taus)] + sorted(taus.get("per_lr", {}).items()):
                 yield name, group, key, t
+
+
+def run_taus(runs_):
+    """{"tau_gap_<q>": Kendall tau of the gap against q} over the finished cells, pooled and
+    "per_lr"."""
+    done = [r for r in runs_ if r["result"]["status"] == "finished"]
+
+    def taus(cells):
+        return {f"tau_gap_{q}": kendall([r["result"]["gap"] for r in cells], [r["result"][q] for r in cells])
+                for q in ("jacobian", "sharpness")}
+    lrs = sorted({r["config"]["lr"] for r in done})
+    per_lr = {str(lr): taus([r for r in done if r["config"]["lr"] == lr]) for lr in lrs} if len(lrs) > 1 else {}
+    return {**taus(done), "per_lr": per_lr}
 
 
 @check
@@ -566,7 +616,9 @@ def quantile(values, q):
 def penalty_lowers_gap_sharpness_stays(files, strength, floor):
     """Per (lr, trial): the Jacobian penalty at `strength` against none lowers the gap while the
     sharpness ends at >= `floor` of its value without it ("stays or rises"); - where the gap rises."""
-    cells = by(runs(files), "lr", "jacobian_penalty", "trial")
+    # A run folder's lambda = 0 cell has no jacobian_penalty in its config (the runs files add it).
+    cells = {(r["config"]["lr"], r["config"].get("jacobian_penalty", 0.0), r["config"]["trial"]): r
+             for r in runs(files)}
     out = {}
     for lr in sorted({k[0] for k in cells}):
         trials = sorted(k[2] for k in cells if k[:2] == (lr, 0.0))
@@ -659,3 +711,149 @@ def ansatz_tau_positive(files):
     positive. The checkpoints' values are not committed, so there are no means to compare."""
     return {key: Setting([sign(r["ansatz_tau"]) for r in g["runs"]], None, None)
             for key, g in theory_groups(files)}
+
+
+# ----------------------------------------------------------------------------- the scale ladder
+# A Section 6 row's "ladder" (plots/claims_checks.json) applies the row's check, unchanged, at each
+# rung of plots/ladder.py: {"args": the check's arguments there (default the row's), "rungs":
+# [{"label", "files", optional "args", optional "cells": the rung's grid size}, bottom first]}. A
+# rung is judged once every cell of its grid has finished; the ledger's row then quotes the rung's
+# verdict, units and medians, and the trend from the bottom rung to the highest judged one. A
+# ladder with "confound": "training loss" applies the row's cap only at rungs where the training
+# loss ranks the gaps at least as well as the Jacobian norm (Kendall tau over the rung's cells);
+# "confound": "unmatched" applies it unless every penalised cell reached matched training loss.
+
+RANK = {"contradicted": 0, "not reproduced": 1, "partially reproduced": 2, "reproduced": 3}
+
+
+def rung_cells(rung, statuses=("finished",)):
+    """The cells of a rung that ended with one of `statuses` (its files' runs; a rung in progress
+    may have no folder yet)."""
+    files = [f for f in rung["files"] if "cells" not in rung or (PLOTS / f.partition("?")[0]).exists()]
+    return [r for r in runs(files) if r["result"]["status"] in statuses]
+
+
+def rung_complete(rung, cells=None):
+    """Every cell of the rung's grid has finished (distinct configs; a rung with a diverged cell
+    is not judged: the checks compare finished cells). `cells`: its finished cells, if read."""
+    cells = rung_cells(rung) if cells is None else cells
+    return "cells" not in rung or len({json.dumps(r["config"], sort_keys=True) for r in cells}) >= rung["cells"]
+
+
+def rung_settings(spec, rung):
+    """The row's check on the rung's files, with the row's, the ladder's and the rung's args."""
+    args = {**spec.get("args", {}), **spec["ladder"].get("args", {}), **rung.get("args", {})}
+    return CHECKS[spec["check"]](rung["files"], **args)
+
+
+def rung_summary(spec, rung):
+    """{"verdict", "plus": units with +, "units", "short": cells short of their loss target,
+    "test_accuracy", "train_loss" (medians over the finished cells), and the cap's test
+    ("tau_loss" and "tau_jacobian", or "matched")} of a complete rung; {"finished", "diverged",
+    "cells"} of one in progress."""
+    cells = rung_cells(rung)
+    if not rung_complete(rung, cells):
+        return {"finished": len(cells), "diverged": len(rung_cells(rung, ("diverged",))), "cells": rung["cells"]}
+    settings = rung_settings(spec, rung)
+    signs = [x for g in settings.values() for x in g.signs]
+    if not signs:
+        raise ValueError(f"row {spec['row']}, {rung['label']}: the check found no units")
+    out = {"plus": sum(x > 0 for x in signs), "units": len(signs),
+           "short": sum(r["result"].get("reached_target") is False for r in cells),
+           "test_accuracy": statistics.median(r["result"]["test_accuracy"] for r in cells),
+           "train_loss": statistics.median(r["result"]["train_loss"] for r in cells)}
+    cap = spec.get("cap")
+    if spec["ladder"].get("confound") == "training loss":
+        # The row's cap is the confound of networks stopped far from a minimum: it applies at a
+        # rung where how far a cell trained ranks the gaps at least as well as the Jacobian does.
+        gap = [r["result"]["gap"] for r in cells]
+        out["tau_loss"] = kendall(gap, [-r["result"]["train_loss"] for r in cells])
+        out["tau_jacobian"] = kendall(gap, [r["result"]["jacobian"] for r in cells])
+        cap = cap if out["tau_loss"] >= out["tau_jacobian"] else None
+    if spec["ladder"].get("confound") == "unmatched":
+        # The row's cap is the penalty's raised training loss: it applies at a rung unless every
+        # penalised cell trained on until its clean training loss matched its lambda = 0 cell's.
+        penalised = [r["result"] for r in cells if r["config"].get("jacobian_penalty", 0.0) > 0]
+        out["matched"] = sum(bool(r.get("matched")) for r in penalised), len(penalised)
+        cap = cap if out["matched"][0] < len(penalised) else None
+    return {"verdict": mechanical_verdict(settings, spec.get("existential", False), cap), **out}
+
+
+def trend(bottom, top):
+    """"toward the paper" where the top rung's verdict ranks higher (reproduced > partially >
+    not reproduced > contradicted), or ranks the same with a larger share of + units; "away from
+    the paper" for the reverse; else "flat"."""
+    key = lambda s: (RANK[s["verdict"]], s["plus"] / s["units"])
+    return "toward the paper" if key(top) > key(bottom) else "away from the paper" if key(top) < key(bottom) else "flat"
+
+
+def rung_notes(s):
+    """What qualifies a judged rung's verdict: the cap's test, cells short of their target."""
+    notes = []
+    if "tau_loss" in s:
+        applies = s["tau_loss"] >= s["tau_jacobian"]
+        notes.append(f"tau(gap, -training loss) {s['tau_loss']:.2f} {'>=' if applies else '<'} tau(gap, Jacobian) "
+                     f"{s['tau_jacobian']:.2f}: {'the confound cap applies' if applies else 'no confound cap'}")
+    if "matched" in s:
+        applies = s["matched"][0] < s["matched"][1]
+        notes.append(f"{s['matched'][0]} of {s['matched'][1]} penalised cells at matched training loss: "
+                     f"{'the confound cap applies' if applies else 'no confound cap'}")
+    if s["short"]:
+        notes.append(f"{s['short']} cells stopped short of the loss target")
+    return notes
+
+
+def ladder_sentence(spec):
+    """The ledger's sentence for a row's ladder: each rung's verdict (or progress) and the trend."""
+    parts, judged = [], []
+    for rung in spec["ladder"]["rungs"]:
+        s = rung_summary(spec, rung)
+        if "verdict" in s:
+            judged.append((rung["label"], s))
+            details = [f"{s['plus']} of {s['units']} units +", f"median test accuracy {s['test_accuracy']:.2f}, "
+                       f"training loss {s['train_loss']:.2g}", *rung_notes(s)]
+            parts.append(f"{rung['label']}: {s['verdict']} ({'; '.join(details)})")
+        else:
+            diverged = f", {s['diverged']} diverged" if s["diverged"] else ""
+            parts.append(f"{rung['label']}: in progress ({s['finished']} of {s['cells']} cells{diverged})")
+    text = "Ladder ([rungs](README.md#ladder)): " + "; ".join(parts) + "."
+    if len(judged) > 1:
+        text += f" Trend ({judged[0][0]} -> {judged[-1][0]}): {trend(judged[0][1], judged[-1][1])}."
+    return text
+
+
+def top_rung_verdict(spec):
+    """The verdict of a row's top rung once it is complete, else None."""
+    top = spec["ladder"]["rungs"][-1]
+    return rung_summary(spec, top)["verdict"] if rung_complete(top) else None
+
+
+def updated_ledger(text, specs):
+    """The ledger's text with each laddered row's evidence ending in its current ladder sentence
+    (an older one replaced): `python tests/claims_checks.py --update-ledger` after cells land."""
+    ladders = {str(spec["row"]): ladder_sentence(spec) for spec in specs["rows"] if "ladder" in spec}
+    ladders.update({row: f"Ladder ([rungs](README.md#ladder)): not on it: {why}."
+                    for row, why in specs.get("not_on_ladder", {}).items()})
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if line.startswith("| ") and cells and cells[0] in ladders:
+            evidence = re.sub(r" ?Ladder \(\[rungs\]\(README\.md#ladder\)\): .*$", "", cells[5])
+            cells[5] = f"{evidence} {ladders[cells[0]]}"
+            lines[i] = "| " + " | ".join(cells) + " |"
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Print the ladder sentences of plots/CLAIMS.md's rows.")
+    parser.add_argument("--update-ledger", action="store_true",
+                        help="rewrite them in place: each laddered row's evidence ends with its sentence")
+    specs_ = json.loads((PLOTS / "claims_checks.json").read_text())
+    ledger = PLOTS / "CLAIMS.md"
+    if parser.parse_args().update_ledger:
+        ledger.write_text(updated_ledger(ledger.read_text(), specs_))
+    else:
+        for spec in specs_["rows"]:
+            if "ladder" in spec:
+                print(f"row {spec['row']}: {ladder_sentence(spec)}")
