@@ -22,7 +22,10 @@ ones (double backward; measured on one CPU core, VGG11 at width 1/8). A penalty 
 training loss lowers the gap by underfitting too; with --match-train-loss each penalised cell
 trains on at its last learning rate until its clean training loss is down to its unpenalised
 cell's, so the gaps are compared at matched training loss (the end-of-schedule values are kept
-as scheduled_<metric>).
+as scheduled_<metric>). Where training on does not get there, --measure-each-epoch gives the other
+side of the match: run the lambda = 0 cells again with it (into another --out: it is a config key)
+and each epoch's end-of-training metrics are logged as epoch_<metric>, so the unpenalised cell can
+be read at the epoch where its clean training loss passes a penalised cell's final one.
 
 Paper's run, all cells in one process:
     python train_regularisers.py --data-root DATA
@@ -43,7 +46,8 @@ Writes, under --out (default results/train_regularisers; with --smoke
 results/train_regularisers_smoke_<data sets>, e.g. ..._smoke_cifar10 or
 ..._smoke_synthetic-cifar10):
     <dataset=..._model=..._batch_norm=..._lr=..._<regularisers>_trial=...-hash>/{config,metrics,result}.json
-        metrics: per epoch the mean batch loss, the learning rate and the weight norm
+        metrics: per epoch the mean batch loss, the learning rate and the weight norm (with
+        --measure-each-epoch also every end-of-training metric, as epoch_<metric>)
     plots/fig20..27_<dataset>_<model>_<bn|no-bn>.{png,pdf}  a row per sweep, a column per metric,
         line style per initial learning rate. Figure 2 is the weight-decay row, Figure 5 the
         other rows of fig23 (ResNet18 with BN on CIFAR-10): its file carries the numbers of
@@ -149,6 +153,10 @@ def parse_args(argv=None):
                              "scheduled_<metric>")
     parser.add_argument("--match-max-epochs", type=int, default=None,
                         help="most epochs a matched cell trains beyond --epochs (default: --epochs)")
+    parser.add_argument("--measure-each-epoch", action="store_true",
+                        help="also measure every cell at the end of every epoch (the end-of-training "
+                             "metrics, logged as epoch_<metric>): a trajectory, e.g. the lambda = 0 "
+                             "cells at any penalised cell's training loss")
     parser.add_argument("--epochs", type=int, default=90)
     parser.add_argument("--milestones", nargs="*", type=int, default=[50, 80],
                         help="epochs after which the learning rate is divided by 10")
@@ -231,7 +239,8 @@ def sweep_cells(args, sweep, dataset, model, batch_norm):
                  eig_max_iter=args.eig_max_iter,
                  standardise="channel",
                  **({"mixup_control": args.mixup_control} if args.mixup_control != "none" else {}),
-                 **matching(args, key, cell["value"]))
+                 **matching(args, key, cell["value"]),
+                 **({"measure_each_epoch": True} if args.measure_each_epoch else {}))
             for cell in common.grid(value=getattr(args, SWEPT_VALUES[sweep]), lr=args.lrs,
                                     trial=list(range(args.trials)))]
 
@@ -416,6 +425,8 @@ def train(config, args, data, device):
         if epoch > config["epochs"]:  # matching: the clean loss decides whether to go on
             row["clean_train_loss"] = common.evaluate(model, loss_fn, data.x_train, data.y_train, 1000)[0]
         run.log(epoch, **row)
+        if config.get("measure_each_epoch"):  # before the checkpoint, so a resumed run has it
+            run.log(epoch, **{f"epoch_{k}": v for k, v in measure(config, model, loss_fn, data).items()})
         bar.update()
         run.checkpoint(lambda: common.training_state(epoch, model, optimizer,
                                                      generator=generator.get_state(),

@@ -142,6 +142,28 @@ def test_matched_cells_train_on_to_the_unpenalised_training_loss(tmp_path, cli):
         assert clean[-1] == pytest.approx(matched["train_loss"], rel=1e-6)
 
 
+def test_measure_each_epoch_logs_a_trajectory_and_leaves_training_alone(tmp_path, cli):
+    # The unpenalised side of a matched comparison: the same cell, measured after every epoch.
+    argv = tiny(tmp_path / "plain", "--sweeps", "jacobian", "--jacobian-penalties", "0", "--epochs", "3")
+    assert cli.main(tr, argv).code == 0
+    argv = tiny(tmp_path / "each", "--sweeps", "jacobian", "--jacobian-penalties", "0", "--epochs", "3",
+                "--measure-each-epoch")
+    assert cli.main(tr, argv).code == 0
+    (plain,), ((name, each),) = results(tmp_path / "plain").values(), results(tmp_path / "each").items()
+    config = json.loads((tmp_path / "each" / name / "config.json").read_text())["config"]
+    assert config["measure_each_epoch"] is True
+    assert "measure_each_epoch" not in json.loads(next((tmp_path / "plain").glob("*/config.json")).read_text())["config"]
+    # Measuring is pure: the trajectory's run ends where the plain run does, to the bit.
+    for key in ("train_loss", "test_loss", "gap", "jacobian", "sharpness", "weight_norm"):
+        assert each[key] == plain[key], key
+    logged = json.loads((tmp_path / "each" / name / "metrics.json").read_text())
+    trajectory = [m for m in logged if "epoch_gap" in m]
+    assert [m["step"] for m in trajectory] == [1, 2, 3]
+    assert trajectory[-1]["epoch_train_loss"] == each["train_loss"]
+    assert trajectory[-1]["epoch_sharpness"] == each["sharpness"]
+    assert len({m["epoch_train_loss"] for m in trajectory}) == 3
+
+
 def test_learning_rate_schedule_divides_by_ten_at_milestones():
     config = {"lr": 0.1, "milestones": [50, 80]}
     assert [tr.learning_rate(config, e) for e in (0, 49, 50, 79, 80, 89)] == pytest.approx(
