@@ -136,9 +136,10 @@ def folder_run(folder):
 
 
 def runs(files, where=None):
-    """The runs of the files whose config matches every item of `where`."""
+    """The runs of the files whose config matches every item of `where`; an item of `files` may
+    be a list of runs already read (a rung's cells as the ladder reads them)."""
     where = where or {}
-    return [run for name in files for run in load(name)
+    return [run for name in files for run in (name if isinstance(name, list) else load(name))
             if all(run["config"].get(k) == v for k, v in where.items())]
 
 
@@ -721,7 +722,9 @@ def ansatz_tau_positive(files):
 # verdict, units and medians, and the trend from the bottom rung to the highest judged one. A
 # ladder with "confound": "training loss" applies the row's cap only at rungs where the training
 # loss ranks the gaps at least as well as the Jacobian norm (Kendall tau over the rung's cells);
-# "confound": "unmatched" applies it unless every penalised cell reached matched training loss.
+# "confound": "unmatched" applies it unless every penalised cell reached matched training loss, or
+# the rung has "matched_by" (the lambda = 0 cells' trajectories: `at_matched_loss`) and every
+# unpenalised cell is read at its penalised cell's training loss.
 
 RANK = {"contradicted": 0, "not reproduced": 1, "partially reproduced": 2, "reproduced": 3}
 
@@ -740,10 +743,53 @@ def rung_complete(rung, cells=None):
     return "cells" not in rung or len({json.dumps(r["config"], sort_keys=True) for r in cells}) >= rung["cells"]
 
 
+def rung_args(spec, rung):
+    """The check's arguments at a rung: the row's, the ladder's, the rung's."""
+    return {**spec.get("args", {}), **spec["ladder"].get("args", {}), **rung.get("args", {})}
+
+
+def at_matched_loss(cells, trajectories, strength):
+    """The rung's cells with each lambda = 0 cell read at its penalised cell's training loss: at
+    the first epoch of its trajectory (the same cell rerun with --measure-each-epoch, every
+    end-of-training metric logged as epoch_<metric>) whose clean training loss is at most the
+    final one of the cell with lambda = `strength` at its lr and trial. A lambda = 0 cell whose
+    trajectory never gets there, or has none, stays as it ended, with "matched": False."""
+    def plain(config):
+        return {k: v for k, v in config.items() if k != "measure_each_epoch"}
+    traj = {json.dumps(plain(r["config"]), sort_keys=True): r for r in trajectories}
+    penalised = {(r["config"]["lr"], r["config"]["trial"]): r["result"] for r in cells
+                 if r["config"].get("jacobian_penalty", 0.0) == strength}
+    out = []
+    for r in cells:
+        key = (r["config"]["lr"], r["config"]["trial"])
+        if r["config"].get("jacobian_penalty", 0.0) > 0 or key not in penalised:
+            out.append(r)
+            continue
+        target = penalised[key]["train_loss"]
+        run = traj.get(json.dumps(r["config"], sort_keys=True))
+        points = [m for m in (run["metrics"] if run else [])
+                  if m.get("epoch_train_loss") is not None and m["epoch_train_loss"] <= target]
+        if not points:
+            out.append({**r, "result": {**r["result"], "matched": False}})
+            continue
+        read = {k.removeprefix("epoch_"): v for k, v in points[0].items() if k.startswith("epoch_")}
+        out.append({**r, "result": {"status": "finished", **read, "matched": True,
+                                    "matched_epoch": points[0]["step"], "match_target": target}})
+    return out
+
+
+def rung_files(spec, rung):
+    """What the row's check reads at a rung: its files, or with "matched_by" its cells with the
+    unpenalised ones read at matched training loss (`at_matched_loss`)."""
+    if "matched_by" not in rung:
+        return rung["files"]
+    trajectories = load(rung["matched_by"]) if (PLOTS / rung["matched_by"]).exists() else []
+    return [at_matched_loss(runs(rung["files"]), trajectories, rung_args(spec, rung)["strength"])]
+
+
 def rung_settings(spec, rung):
     """The row's check on the rung's files, with the row's, the ladder's and the rung's args."""
-    args = {**spec.get("args", {}), **spec["ladder"].get("args", {}), **rung.get("args", {})}
-    return CHECKS[spec["check"]](rung["files"], **args)
+    return CHECKS[spec["check"]](rung_files(spec, rung), **rung_args(spec, rung))
 
 
 def rung_summary(spec, rung):
@@ -770,9 +816,16 @@ def rung_summary(spec, rung):
         out["tau_loss"] = kendall(gap, [-r["result"]["train_loss"] for r in cells])
         out["tau_jacobian"] = kendall(gap, [r["result"]["jacobian"] for r in cells])
         cap = cap if out["tau_loss"] >= out["tau_jacobian"] else None
-    if spec["ladder"].get("confound") == "unmatched":
+    if spec["ladder"].get("confound") == "unmatched" and "matched_by" in rung:
         # The row's cap is the penalty's raised training loss: it applies at a rung unless every
-        # penalised cell trained on until its clean training loss matched its lambda = 0 cell's.
+        # lambda = 0 cell could be read at its penalised cell's training loss.
+        (read,) = rung_files(spec, rung)
+        unpenalised = [r["result"] for r in read if r["config"].get("jacobian_penalty", 0.0) == 0]
+        out["read_at_loss"] = sum(bool(r.get("matched")) for r in unpenalised), len(unpenalised)
+        cap = cap if out["read_at_loss"][0] < len(unpenalised) else None
+    elif spec["ladder"].get("confound") == "unmatched":
+        # ... or unless every penalised cell trained on until its clean training loss matched its
+        # lambda = 0 cell's.
         penalised = [r["result"] for r in cells if r["config"].get("jacobian_penalty", 0.0) > 0]
         out["matched"] = sum(bool(r.get("matched")) for r in penalised), len(penalised)
         cap = cap if out["matched"][0] < len(penalised) else None
@@ -798,6 +851,10 @@ def rung_notes(s):
         applies = s["matched"][0] < s["matched"][1]
         notes.append(f"{s['matched'][0]} of {s['matched'][1]} penalised cells at matched training loss: "
                      f"{'the confound cap applies' if applies else 'no confound cap'}")
+    if "read_at_loss" in s:
+        applies = s["read_at_loss"][0] < s["read_at_loss"][1]
+        notes.append(f"{s['read_at_loss'][0]} of {s['read_at_loss'][1]} unpenalised cells read at their penalised "
+                     f"cells' training loss: {'the confound cap applies' if applies else 'no confound cap'}")
     if s["short"]:
         notes.append(f"{s['short']} cells stopped short of the loss target")
     return notes

@@ -231,3 +231,55 @@ def test_a_rung_folder_with_two_runs_of_one_config_is_refused(tmp_path, monkeypa
             claims_checks.load("rung")
     finally:
         claims_checks.load.cache_clear()
+
+
+def test_unpenalised_cells_are_read_at_the_penalised_cells_training_loss(tmp_path, monkeypatch):
+    import claims_checks
+
+    def config(penalty, trial, **extra):
+        return {"lr": 0.1, "trial": trial, **({"jacobian_penalty": penalty} if penalty else {}), **extra}
+
+    def result(train_loss, gap, sharpness):
+        return {"status": "finished", "train_loss": train_loss, "gap": gap, "sharpness": sharpness,
+                "test_accuracy": 0.7, "jacobian": 1.0}
+
+    def write(folder, name, config_, result_, metrics=()):
+        (tmp_path / folder / name).mkdir(parents=True)
+        for file, content in (("config.json", {"config": config_}), ("metrics.json", list(metrics)),
+                              ("result.json", result_)):
+            (tmp_path / folder / name / file).write_text(json.dumps(content))
+
+    # Without the penalty: gap 0.5 at loss 0.25 at the end; its trajectory passes the penalised
+    # cell's loss 0.4 at epoch 2 (0.35: gap 0.3, sharpness 9), not at epoch 1 (0.6).
+    for trial, pen_loss in ((0, 0.4), (1, 0.1)):
+        write("rung", f"base{trial}", config(0, trial), result(0.25, 0.5, 10.0))
+        write("rung", f"pen{trial}", config(1.0, trial), result(pen_loss, 0.35, 9.5))
+    trajectory = [{"step": e, "epoch_train_loss": loss, "epoch_gap": gap, "epoch_sharpness": 9.0,
+                   "epoch_test_accuracy": 0.6, "epoch_jacobian": 2.0}
+                  for e, loss, gap in ((1, 0.6, 0.2), (2, 0.35, 0.3), (3, 0.25, 0.5))]
+    for trial in (0, 1):
+        write("traj", f"base{trial}", config(0, trial, measure_each_epoch=True), result(0.25, 0.5, 10.0),
+              metrics=[{"step": 1, "batch_loss": 0.7}, *trajectory])
+    monkeypatch.setattr(claims_checks, "PLOTS", tmp_path)
+    claims_checks.load.cache_clear()
+    try:
+        read = claims_checks.at_matched_loss(claims_checks.runs(["rung"]), claims_checks.load("traj"), 1.0)
+        base = {r["config"]["trial"]: r["result"] for r in read if "jacobian_penalty" not in r["config"]}
+        assert base[0]["matched"] and base[0]["matched_epoch"] == 2 and base[0]["gap"] == 0.3
+        assert base[0]["match_target"] == 0.4 and base[0]["sharpness"] == 9.0
+        assert base[1] == {**result(0.25, 0.5, 10.0), "matched": False}  # never down to 0.1
+        spec = {"row": 0, "check": "penalty_lowers_gap_sharpness_stays", "args": {"strength": 1.0, "floor": 0.9},
+                "cap": "confound", "ladder": {"confound": "unmatched", "rungs": []}}
+        rung = {"label": "top", "files": ["rung"], "cells": 4, "matched_by": "traj"}
+        # Trial 0 at matched loss: gap 0.35 against 0.3, the penalty's gap is larger (-); trial 1
+        # unmatched, as it ended: 0.35 against 0.5 (+); the trials' gaps overlap: not reproduced.
+        # One of two read at matched loss: the cap would apply.
+        summary = claims_checks.rung_summary(spec, rung)
+        assert summary["read_at_loss"] == (1, 2) and (summary["plus"], summary["units"]) == (1, 2)
+        assert summary["verdict"] == "not reproduced"
+        assert "1 of 2 unpenalised cells read" in " ".join(claims_checks.rung_notes(summary))
+        # Without the trajectories no cell is read at matched loss: the cells as they ended.
+        summary = claims_checks.rung_summary(spec, {**rung, "matched_by": "absent"})
+        assert summary["read_at_loss"] == (0, 2) and summary["plus"] == 2
+    finally:
+        claims_checks.load.cache_clear()
