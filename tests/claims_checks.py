@@ -752,8 +752,9 @@ def at_matched_loss(cells, trajectories, strength):
     """The rung's cells with each lambda = 0 cell read at its penalised cell's training loss: at
     the first epoch of its trajectory (the same cell rerun with --measure-each-epoch, every
     end-of-training metric logged as epoch_<metric>) whose clean training loss is at most the
-    final one of the cell with lambda = `strength` at its lr and trial. A lambda = 0 cell whose
-    trajectory never gets there, or has none, stays as it ended, with "matched": False."""
+    final one of the cell with lambda = `strength` at its lr and trial. A lambda = 0 cell stays as
+    it ended, with "matched": True where that penalised cell trained on to its loss (--match-train-
+    loss), or "matched": False where its trajectory never gets there or it has none."""
     def plain(config):
         return {k: v for k, v in config.items() if k != "measure_each_epoch"}
     traj = {json.dumps(plain(r["config"]), sort_keys=True): r for r in trajectories}
@@ -766,6 +767,9 @@ def at_matched_loss(cells, trajectories, strength):
             out.append(r)
             continue
         target = penalised[key]["train_loss"]
+        if penalised[key].get("matched"):  # the penalised cell trained on to this cell's loss
+            out.append({**r, "result": {**r["result"], "matched": True}})
+            continue
         run = traj.get(json.dumps(r["config"], sort_keys=True))
         points = [m for m in (run["metrics"] if run else [])
                   if m.get("epoch_train_loss") is not None and m["epoch_train_loss"] <= target]

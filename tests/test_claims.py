@@ -268,6 +268,10 @@ def test_unpenalised_cells_are_read_at_the_penalised_cells_training_loss(tmp_pat
         assert base[0]["matched"] and base[0]["matched_epoch"] == 2 and base[0]["gap"] == 0.3
         assert base[0]["match_target"] == 0.4 and base[0]["sharpness"] == 9.0
         assert base[1] == {**result(0.25, 0.5, 10.0), "matched": False}  # never down to 0.1
+        # A penalised cell that trained on to its lambda = 0 cell's loss leaves that cell as it ended.
+        ended = {"config": config(0, 2), "result": result(0.25, 0.5, 10.0)}
+        trained_on = {"config": config(1.0, 2), "result": {**result(0.24, 0.4, 9.0), "matched": True}}
+        assert claims_checks.at_matched_loss([ended, trained_on], [], 1.0)[0]["result"] == {**ended["result"], "matched": True}
         spec = {"row": 0, "check": "penalty_lowers_gap_sharpness_stays", "args": {"strength": 1.0, "floor": 0.9},
                 "cap": "confound", "ladder": {"confound": "unmatched", "rungs": []}}
         rung = {"label": "top", "files": ["rung"], "cells": 4, "matched_by": "traj"}
