@@ -65,6 +65,9 @@ WIDTH_TABLE = {
 }
 # The Jacobian penalty's rung (ledger row 46); its lambda = 0 cells carry no jacobian_penalty key.
 PENALTY = "train_regularisers/ladder/penalty_n50000"
+# Its lambda = 0 cells rerun with --measure-each-epoch: each read where it passes a penalised cell's loss.
+TRAJECTORY = "train_regularisers/ladder/penalty_n50000_trajectory"
+MATCH_KEYS = ("jacobian_penalty", "match_train_loss", "match_max_epochs", "measure_each_epoch")
 MIN_CELLS = 6  # a rung's taus are drawn and tabulated from this many cells at lr 0.1 on
 TRAIN_SPLIT = 50_000  # CIFAR-10's training split: a cell with train_size None used all of it
 
@@ -147,12 +150,27 @@ def width_table(root):
             for (sweep, model, w, n, e), results in sorted(groups.items(), key=lambda g: g[0][:4])]
 
 
+def unpenalised_at(trajectories, config, loss):
+    """The lambda = 0 cell of a penalised cell's config, read from its trajectory at the first
+    epoch whose clean training loss is at most `loss`: {"epoch", metric: value}, or None."""
+    plain = lambda c: {k: v for k, v in c.items() if k not in MATCH_KEYS}
+    for run in trajectories:
+        if plain(run["config"]) == plain(config):
+            for m in run["metrics"]:
+                if m.get("epoch_train_loss") is not None and m["epoch_train_loss"] <= loss:
+                    return {"epoch": m["step"], **{k.removeprefix("epoch_"): v for k, v in m.items()
+                                                   if k.startswith("epoch_")}}
+    return None
+
+
 def penalty_table(root):
     """Rows (lambda, trial, epochs trained, whether matched and its target, then training loss,
-    test accuracy, gap, Jacobian norm, sharpness where the cell stopped, and the training loss,
-    gap, Jacobian norm at the end of the schedule) of the penalty rung's cells, by lambda, trial."""
+    test accuracy, gap, Jacobian norm, sharpness where the cell stopped, the training loss, gap,
+    Jacobian norm at the end of the schedule, and its lambda = 0 cell read at its training loss)
+    of the penalty rung's cells, by lambda, trial."""
     if not (root / PENALTY).exists():
         return []
+    trajectories = rung_runs(root / TRAJECTORY) if (root / TRAJECTORY).exists() else []
     rows = []
     for r in rung_runs(root / PENALTY):
         c, res = r["config"], r["result"]
@@ -162,23 +180,32 @@ def penalty_table(root):
                      **{k: res.get(k, math.nan) for k in
                         ("train_loss", "test_accuracy", "gap", "jacobian", "sharpness")},
                      **{f"scheduled_{k}": res.get(f"scheduled_{k}", res.get(k, math.nan))
-                        for k in ("train_loss", "gap", "jacobian")}})
+                        for k in ("train_loss", "gap", "jacobian")},
+                     "unpenalised_at_loss": (unpenalised_at(trajectories, c, res["train_loss"])
+                                             if c.get("jacobian_penalty") and res["status"] == "finished"
+                                             else None)})
     return sorted(rows, key=lambda row: (row["lambda"], row["trial"]))
 
 
 def penalty_markdown(rows):
     """The penalty table as markdown (plots/README.md quotes it)."""
     lines = ["| λ | trial | epochs | matched (target) | train loss | test acc. | gap | Jacobian | sharpness "
-             "| at the schedule's end: train loss / gap / Jacobian |", "|---" * 10 + "|"]
+             "| at the schedule's end: train loss / gap / Jacobian "
+             "| λ = 0 at this train loss: epoch, train loss / test acc. / gap / Jacobian / sharpness |",
+             "|---" * 11 + "|"]
     for r in rows:
         if r["status"] != "finished":
-            lines.append(f"| {r['lambda']:g} | {r['trial']} | {r['status']} |" + " |" * 7)
+            lines.append(f"| {r['lambda']:g} | {r['trial']} | {r['status']} |" + " |" * 8)
             continue
+        u = r["unpenalised_at_loss"]
+        at_loss = ("-" if u is None else f"{u['epoch']}, {u['train_loss']:.3f} / {u['test_accuracy']:.3f} / "
+                   f"{u['gap']:.3f} / {u['jacobian']:.2f} / {u['sharpness']:.1f}")
         matched = ("-" if r["matched"] is None
                    else f"{'yes' if r['matched'] else 'no'} ({r['target']:.3f})")
         lines.append(f"| {r['lambda']:g} | {r['trial']} | {r['epochs']} | {matched} | {r['train_loss']:.3f} "
                      f"| {r['test_accuracy']:.3f} | {r['gap']:.3f} | {r['jacobian']:.2f} | {r['sharpness']:.1f} "
-                     f"| {r['scheduled_train_loss']:.3f} / {r['scheduled_gap']:.3f} / {r['scheduled_jacobian']:.2f} |")
+                     f"| {r['scheduled_train_loss']:.3f} / {r['scheduled_gap']:.3f} / {r['scheduled_jacobian']:.2f} "
+                     f"| {at_loss} |")
     return "\n".join(lines)
 
 

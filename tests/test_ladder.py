@@ -97,14 +97,26 @@ def test_penalty_table_gives_matched_and_scheduled_values(tmp_path, monkeypatch)
     diverged = cell(0.1, 1, math.nan, math.nan, math.nan, math.nan, status="diverged")
     diverged["config"].update(epochs=15, jacobian_penalty=0.3)
     write_run_folders(tmp_path / "penalty", [matched, diverged, base])
+    # The lambda = 0 cell's trajectory: its clean training loss passes 0.24 at epoch 14.
+    rerun = {"config": {**base["config"], "measure_each_epoch": True}, "result": base["result"]}
+    write_run_folders(tmp_path / "trajectory", [rerun])
+    (run,) = (tmp_path / "trajectory").iterdir()
+    (run / "metrics.json").write_text(json.dumps(
+        [{"step": e, "epoch_train_loss": loss, "epoch_test_accuracy": 0.75, "epoch_gap": 0.45,
+          "epoch_jacobian": 5.0, "epoch_sharpness": 9.5} for e, loss in ((13, 0.3), (14, 0.23), (15, 0.2))]))
     monkeypatch.setattr(ladder, "PENALTY", "penalty")
+    monkeypatch.setattr(ladder, "TRAJECTORY", "trajectory")
     rows = ladder.penalty_table(tmp_path)
     assert [(r["lambda"], r["trial"]) for r in rows] == [(0.0, 0), (0.3, 1), (1.0, 0)]
     assert rows[0]["matched"] is None and rows[0]["scheduled_gap"] == pytest.approx(0.5)
+    assert rows[2]["unpenalised_at_loss"]["epoch"] == 14
     lines = ladder.penalty_markdown(rows).splitlines()
-    assert lines[2] == "| 0 | 0 | 15 | - | 0.250 | 0.770 | 0.500 | 6.00 | 9.0 | 0.250 / 0.500 / 6.00 |"
-    assert lines[3] == "| 0.3 | 1 | diverged |" + " |" * 7
-    assert lines[4] == "| 1 | 0 | 18 | yes (0.250) | 0.240 | 0.780 | 0.400 | 2.00 | 10.0 | 0.400 / 0.300 / 1.50 |"
+    assert lines[2] == "| 0 | 0 | 15 | - | 0.250 | 0.770 | 0.500 | 6.00 | 9.0 | 0.250 / 0.500 / 6.00 | - |"
+    assert lines[3] == "| 0.3 | 1 | diverged |" + " |" * 8
+    assert lines[4] == ("| 1 | 0 | 18 | yes (0.250) | 0.240 | 0.780 | 0.400 | 2.00 | 10.0 | 0.400 / 0.300 / 1.50 "
+                        "| 14, 0.230 / 0.750 / 0.450 / 5.00 / 9.5 |")
+    monkeypatch.setattr(ladder, "TRAJECTORY", "absent")
+    assert ladder.penalty_table(tmp_path)[2]["unpenalised_at_loss"] is None
     assert ladder.penalty_table(tmp_path / "absent") == []
 
 
