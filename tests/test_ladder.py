@@ -149,3 +149,20 @@ def test_plots_readme_quotes_the_committed_tables():
     assert ladder.table(ladder.ladder(root)) in readme, "plots/README.md: paste python plots/ladder.py's ladder table"
     assert ladder.width_markdown(ladder.width_table(root)) in readme, "plots/README.md: paste the width table"
     assert ladder.penalty_markdown(ladder.penalty_table(root)) in readme, "plots/README.md: paste the penalty table"
+
+
+def test_the_trajectory_reruns_end_where_the_committed_unpenalised_cells_did():
+    # Measuring every epoch leaves training alone: each committed --measure-each-epoch rerun ends
+    # bit for bit where its lambda = 0 cell did, and its last epoch's reading is that end point.
+    root = REPO / "plots"
+    if not (root / ladder.TRAJECTORY).exists():
+        pytest.skip("no trajectory committed yet")
+    cells = {json.dumps({k: v for k, v in r["config"].items() if k not in ladder.MATCH_KEYS}, sort_keys=True): r
+             for r in ladder.rung_runs(root / ladder.PENALTY)}
+    for rerun in ladder.rung_runs(root / ladder.TRAJECTORY):
+        plain = {k: v for k, v in rerun["config"].items() if k not in ladder.MATCH_KEYS}
+        ended = cells[json.dumps(plain, sort_keys=True)]["result"]
+        for key in ("train_loss", "test_loss", "gap", "jacobian", "sharpness", "gauss_newton", "test_accuracy"):
+            assert rerun["result"][key] == ended[key], key
+        last = [m for m in rerun["metrics"] if "epoch_train_loss" in m][-1]
+        assert last["step"] == rerun["config"]["epochs"] and last["epoch_gap"] == ended["gap"]
