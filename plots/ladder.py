@@ -150,24 +150,34 @@ def width_table(root):
             for (sweep, model, w, n, e), results in sorted(groups.items(), key=lambda g: g[0][:4])]
 
 
-def unpenalised_at(trajectories, config, loss):
+def unpenalised_at(trajectories, config, loss, interpolate=False):
     """The lambda = 0 cell of a penalised cell's config, read from its trajectory at the first
-    epoch whose clean training loss is at most `loss`: {"epoch", metric: value}, or None."""
+    epoch whose clean training loss is at most `loss`: {"epoch", metric: value}, or None. With
+    `interpolate`, each metric is interpolated linearly in the training loss between that epoch
+    and the one before, to its value at `loss` ("epoch" is then the first epoch's)."""
     plain = lambda c: {k: v for k, v in c.items() if k not in MATCH_KEYS}
     for run in trajectories:
-        if plain(run["config"]) == plain(config):
-            for m in run["metrics"]:
-                if m.get("epoch_train_loss") is not None and m["epoch_train_loss"] <= loss:
-                    return {"epoch": m["step"], **{k.removeprefix("epoch_"): v for k, v in m.items()
-                                                   if k.startswith("epoch_")}}
+        if plain(run["config"]) != plain(config):
+            continue
+        points = [m for m in run["metrics"] if m.get("epoch_train_loss") is not None]
+        for i, m in enumerate(points):
+            if m["epoch_train_loss"] <= loss:
+                read = {k.removeprefix("epoch_"): v for k, v in m.items() if k.startswith("epoch_")}
+                if not (interpolate and i > 0):
+                    return {"epoch": m["step"], **read}
+                before = points[i - 1]
+                w = (before["epoch_train_loss"] - loss) / (before["epoch_train_loss"] - m["epoch_train_loss"])
+                return {"epoch": m["step"], **{k: before[f"epoch_{k}"] + w * (v - before[f"epoch_{k}"])
+                                               for k, v in read.items()
+                                               if isinstance(v, float) and before.get(f"epoch_{k}") is not None}}
     return None
 
 
 def penalty_table(root):
     """Rows (lambda, trial, epochs trained, whether matched and its target, then training loss,
     test accuracy, gap, Jacobian norm, sharpness where the cell stopped, the training loss, gap,
-    Jacobian norm at the end of the schedule, and its lambda = 0 cell read at its training loss)
-    of the penalty rung's cells, by lambda, trial."""
+    Jacobian norm at the end of the schedule, and its lambda = 0 cell read at its training loss:
+    at the first epoch there, and interpolated to it) of the penalty rung's cells, by lambda, trial."""
     if not (root / PENALTY).exists():
         return []
     trajectories = rung_runs(root / TRAJECTORY) if (root / TRAJECTORY).exists() else []
@@ -181,9 +191,10 @@ def penalty_table(root):
                         ("train_loss", "test_accuracy", "gap", "jacobian", "sharpness")},
                      **{f"scheduled_{k}": res.get(f"scheduled_{k}", res.get(k, math.nan))
                         for k in ("train_loss", "gap", "jacobian")},
-                     "unpenalised_at_loss": (unpenalised_at(trajectories, c, res["train_loss"])
-                                             if c.get("jacobian_penalty") and res["status"] == "finished"
-                                             else None)})
+                     **{key: (unpenalised_at(trajectories, c, res["train_loss"], interpolate)
+                              if c.get("jacobian_penalty") and res["status"] == "finished" else None)
+                        for key, interpolate in (("unpenalised_at_loss", False),
+                                                 ("unpenalised_interpolated", True))}})
     return sorted(rows, key=lambda row: (row["lambda"], row["trial"]))
 
 

@@ -102,14 +102,17 @@ def test_penalty_table_gives_matched_and_scheduled_values(tmp_path, monkeypatch)
     write_run_folders(tmp_path / "trajectory", [rerun])
     (run,) = (tmp_path / "trajectory").iterdir()
     (run / "metrics.json").write_text(json.dumps(
-        [{"step": e, "epoch_train_loss": loss, "epoch_test_accuracy": 0.75, "epoch_gap": 0.45,
-          "epoch_jacobian": 5.0, "epoch_sharpness": 9.5} for e, loss in ((13, 0.3), (14, 0.23), (15, 0.2))]))
+        [{"step": e, "epoch_train_loss": loss, "epoch_test_accuracy": 0.75, "epoch_gap": gap,
+          "epoch_jacobian": 5.0, "epoch_sharpness": 9.5} for e, loss, gap in ((13, 0.3, 0.38), (14, 0.23, 0.45), (15, 0.2, 0.5))]))
     monkeypatch.setattr(ladder, "PENALTY", "penalty")
     monkeypatch.setattr(ladder, "TRAJECTORY", "trajectory")
     rows = ladder.penalty_table(tmp_path)
     assert [(r["lambda"], r["trial"]) for r in rows] == [(0.0, 0), (0.3, 1), (1.0, 0)]
     assert rows[0]["matched"] is None and rows[0]["scheduled_gap"] == pytest.approx(0.5)
     assert rows[2]["unpenalised_at_loss"]["epoch"] == 14
+    # interpolated to 0.24 between epochs 13 (0.3) and 14 (0.23): 6/7 of the way
+    assert rows[2]["unpenalised_interpolated"]["gap"] == pytest.approx(0.38 + 6 / 7 * 0.07)
+    assert rows[2]["unpenalised_interpolated"]["sharpness"] == pytest.approx(9.5)
     lines = ladder.penalty_markdown(rows).splitlines()
     assert lines[2] == "| 0 | 0 | 15 | - | 0.250 | 0.770 | 0.500 | 6.00 | 9.0 | 0.250 / 0.500 / 6.00 | - |"
     assert lines[3] == "| 0.3 | 1 | diverged |" + " |" * 8
