@@ -19,10 +19,11 @@ else; B.2's batch 128; both at lr 0.1) at every width and number of images tried
 minutes (training and the end-of-training measurements, one thread): the table each rung's
 width was chosen from.
 
-And it tabulates the Jacobian penalty at the top rung (ledger row 46), cell by cell: each
-penalised cell trained on until its clean training loss matched its lambda = 0 cell's, so the
-table gives the training loss and test accuracy beside the gap, Jacobian norm and sharpness at
-that point, and the same at the end of the shared schedule (before matching).
+And it tabulates the Jacobian penalty at the top rung (ledger row 46), cell by cell: the
+training loss and test accuracy beside the gap, Jacobian norm and sharpness where each cell
+stopped (a penalised cell trains on toward its lambda = 0 cell's training loss), at the end of
+the shared schedule, and, from the lambda = 0 cells' --measure-each-epoch reruns, the lambda = 0
+cell at the penalised cell's training loss (the first epoch there, and interpolated to it).
 
 The rungs' commands are in plots/README.md ("The scale ladder"). A rung is a committed runs
 file (`*_runs.json`) or a folder of committed run folders (config.json, metrics.json,

@@ -791,20 +791,16 @@ def rung_files(spec, rung):
     return [at_matched_loss(runs(rung["files"]), trajectories, rung_args(spec, rung)["strength"])]
 
 
-def rung_settings(spec, rung):
-    """The row's check on the rung's files, with the row's, the ladder's and the rung's args."""
-    return CHECKS[spec["check"]](rung_files(spec, rung), **rung_args(spec, rung))
-
-
 def rung_summary(spec, rung):
     """{"verdict", "plus": units with +, "units", "short": cells short of their loss target,
     "test_accuracy", "train_loss" (medians over the finished cells), and the cap's test
-    ("tau_loss" and "tau_jacobian", or "matched")} of a complete rung; {"finished", "diverged",
-    "cells"} of one in progress."""
+    ("tau_loss" and "tau_jacobian", "matched" or "read_at_loss")} of a complete rung; {"finished",
+    "diverged", "cells"} of one in progress."""
     cells = rung_cells(rung)
     if not rung_complete(rung, cells):
         return {"finished": len(cells), "diverged": len(rung_cells(rung, ("diverged",))), "cells": rung["cells"]}
-    settings = rung_settings(spec, rung)
+    files = rung_files(spec, rung)  # read at matched loss once, for the check and the cap's test
+    settings = CHECKS[spec["check"]](files, **rung_args(spec, rung))
     signs = [x for g in settings.values() for x in g.signs]
     if not signs:
         raise ValueError(f"row {spec['row']}, {rung['label']}: the check found no units")
@@ -823,7 +819,7 @@ def rung_summary(spec, rung):
     if spec["ladder"].get("confound") == "unmatched" and "matched_by" in rung:
         # The row's cap is the penalty's raised training loss: it applies at a rung unless every
         # lambda = 0 cell could be read at its penalised cell's training loss.
-        (read,) = rung_files(spec, rung)
+        (read,) = files
         unpenalised = [r["result"] for r in read if r["config"].get("jacobian_penalty", 0.0) == 0]
         out["read_at_loss"] = sum(bool(r.get("matched")) for r in unpenalised), len(unpenalised)
         cap = cap if out["read_at_loss"][0] < len(unpenalised) else None
