@@ -284,6 +284,7 @@ def plot(data, out):
 
 
 def main(args):
+    common.check(args.root.is_dir(), f"--root {args.root}: no such folder (it holds the rungs: plots/)")
     data, widths, penalty = ladder(args.root), width_table(args.root), penalty_table(args.root)
     args.out.mkdir(parents=True, exist_ok=True)
     common.save_json(args.out / "ladder.json", {"ladder": data, "width_table": widths, "penalty": penalty})

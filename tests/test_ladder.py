@@ -169,3 +169,10 @@ def test_the_trajectory_reruns_end_where_the_committed_unpenalised_cells_did():
             assert rerun["result"][key] == ended[key], key
         last = [m for m in rerun["metrics"] if "epoch_train_loss" in m][-1]
         assert last["step"] == rerun["config"]["epochs"] and last["epoch_gap"] == ended["gap"]
+
+
+def test_a_missing_root_is_a_one_line_error(tmp_path, cli):
+    from conftest import assert_one_line_error
+    result = cli.main(ladder, ["--root", str(tmp_path / "absent"), "--out", str(tmp_path / "out")])
+    assert_one_line_error(result, "no such folder")
+    assert not (tmp_path / "out").exists()
