@@ -896,7 +896,8 @@ def updated_ledger(text, specs):
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
         if line.startswith("| ") and cells and cells[0] in ladders:
             evidence = re.sub(r" ?Ladder \(\[rungs\]\(README\.md#ladder\)\): .*$", "", cells[5])
-            cells[5] = f"{evidence} {ladders[cells[0]]}"
+            # the evidence cell carries no final full stop of its own (table style)
+            cells[5] = f"{evidence.rstrip('.')}. {ladders[cells[0]]}"
             lines[i] = "| " + " | ".join(cells) + " |"
     return "\n".join(lines) + "\n"
 

@@ -189,6 +189,8 @@ def test_the_ladder_sentences_are_current():
         assert "Ladder ([rungs](README.md#ladder)): not on it: " in rows()[int(n) - 1][5], n
     for spec in laddered:
         assert ladder_sentence(spec) in rows()[spec["row"] - 1][5], spec["row"]
+        # the sentence before it ends with a full stop: "... the same verdict. Ladder (...)"
+        assert f". {ladder_sentence(spec)}" in rows()[spec["row"] - 1][5], spec["row"]
         assert "cells" not in spec["ladder"]["rungs"][0], spec["row"]  # the bottom rung: the ledger's runs
 
 
