@@ -376,10 +376,12 @@ def plot_step_curvatures(ax, runs, style_key, two_over_lr=None):
     """On a sharpness panel: the mean over trials of each step-scale curvature as markers in the
     colour of its config[style_key] value (runs without them are skipped), and 2/lr as a grey
     horizontal line if given (only named in the legend when it is over 3x the panel's top, where
-    a line would flatten the curves). Returns the legend entries the panel's artists do not
+    a line would flatten the curves). Markers over 3x the curves' top are left above the panel and
+    counted in the legend, for the same reason. Returns the legend entries the panel's artists do not
     carry (the markers' meaning, a 2/lr above the panel): the caller puts them in the figure's
     legend (`legend_below`) with the settings, so no legend covers the curves."""
     from matplotlib.lines import Line2D
+    curves_ylim, above = ax.get_ylim(), []
     for i, value in enumerate(sorted({r["config"][style_key] for r in runs})):
         mine = [r for r in runs if r["config"][style_key] == value]
         for metric, (marker, _) in STEP_CURVATURES.items():
@@ -388,9 +390,18 @@ def plot_step_curvatures(ax, runs, style_key, two_over_lr=None):
             if np.isfinite(mean).any():
                 ax.plot(steps, mean, marker, color=f"C{i}", markersize=4, mfc="none",
                         linewidth=0)
+                above += [v for v in mean[np.isfinite(mean)] if v > 3 * curves_ylim[1]]
     shown = {m for r in runs for row in r["metrics"] for m in STEP_CURVATURES if m in row}
     handles = [Line2D([], [], color="black", marker=marker, mfc="none", linewidth=0,
                       label=label) for m, (marker, label) in STEP_CURVATURES.items() if m in shown]
+    if above:
+        # a step-scale curvature divides by d(theta).v, which can be tiny: one such marker far
+        # above the sharpness would flatten the curves, so the panel keeps the curves' range
+        line = two_over_lr if two_over_lr is not None and two_over_lr <= 3 * curves_ylim[1] else 0
+        ax.set_ylim(curves_ylim[0], max(curves_ylim[1], 1.05 * line))
+        handles.append(Line2D([], [], color="black", marker="x", mfc="none", linewidth=0,
+                              label=f"sharpness panel: {len(above)} marker(s) above the panel "
+                                    f"(largest {max(above):.3g})"))
     if two_over_lr is not None and two_over_lr > 3 * ax.get_ylim()[1]:
         handles.append(Line2D([], [], color="grey", linewidth=0.8, linestyle=":",
                               label=f"sharpness panel: 2 / lr = {two_over_lr:g} (above the panel)"))

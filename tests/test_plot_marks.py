@@ -23,3 +23,26 @@ def test_no_tick_when_every_trial_has_the_same_length():
     series = [(np.array([0, 1]), np.array([1.0, 2.0]))] * 3
     common.plot_band(axes[0, 0], series)
     assert not [line for line in axes[0, 0].get_lines() if line.get_marker() == "|"]
+
+
+def _run(realised):
+    metrics = [{"step": s, "sharpness": 10.0 + s, "realised_curvature": c, "secant_curvature": 12.0}
+               for s, c in zip(range(0, 40, 10), realised)]
+    return {"config": {"smoothing": 0.0, "trial": 0}, "metrics": metrics}
+
+
+def test_a_step_curvature_far_above_the_sharpness_is_left_above_the_panel_and_counted():
+    """One realised curvature divided by a tiny d(theta).v must not flatten the sharpness curves."""
+    fig, axes = common.new_figure()
+    ax = axes[0, 0]
+    ax.plot([0, 30], [10.0, 40.0])
+    handles = common.plot_step_curvatures(ax, [_run([11.0, 5900.0, 30.0, 41.0])], "smoothing", two_over_lr=25.0)
+    assert ax.get_ylim()[1] < 100
+    assert any("1 marker(s) above the panel (largest 5.9e+03)" in h.get_label() for h in handles)
+    # markers within 3x the curves' top widen the panel as before, and nothing is counted
+    fig, axes = common.new_figure()
+    ax = axes[0, 0]
+    ax.plot([0, 30], [10.0, 40.0])
+    handles = common.plot_step_curvatures(ax, [_run([11.0, 60.0, 30.0, 41.0])], "smoothing", two_over_lr=25.0)
+    assert ax.get_ylim()[1] >= 60
+    assert not any("above the panel" in h.get_label() for h in handles)
