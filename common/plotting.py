@@ -395,8 +395,9 @@ def plot_step_curvatures(ax, runs, style_key, two_over_lr=None):
     handles = [Line2D([], [], color="black", marker=marker, mfc="none", linewidth=0,
                       label=label) for m, (marker, label) in STEP_CURVATURES.items() if m in shown]
     if above:
-        # a step-scale curvature divides by d(theta).v, which can be tiny: one such marker far
-        # above the sharpness would flatten the curves, so the panel keeps the curves' range
+        # a step-scale curvature divides by a small number (d(theta).v, or h^2 for the secant):
+        # one such marker far above the sharpness would flatten the curves, so the panel keeps
+        # the curves' range
         line = two_over_lr if two_over_lr is not None and two_over_lr <= 3 * curves_ylim[1] else 0
         ax.set_ylim(curves_ylim[0], max(curves_ylim[1], 1.05 * line))
         handles.append(Line2D([], [], color="black", marker="x", mfc="none", linewidth=0,
